@@ -1,0 +1,311 @@
+"""Host side: a request queue in front of the pure steps (continuous or static batching).
+
+One `Engine.step()`:
+1. admit waiting requests FIFO while a slot is free and the pool can hold the request's worst
+   case (prompt + max_tokens pages; so decode never runs out of pages and nothing is
+   preempted), and prefill them with one `insert` padded to a (batch, length) bucket,
+2. run `decode_steps` decode steps on device,
+3. fetch the insert and decode outputs in ONE device-to-host transfer and hand out tokens,
+4. evict the slots that finished (one jitted call, dispatched without waiting).
+In "static" mode step 2 only admits when every slot is empty (fill a batch, run it out).
+
+Compilations: `insert` once per (batch bucket, prefill bucket) pair actually used, `decode_steps`
+and `evict` once each. Nothing else touches the device from the host loop.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from typing import Iterable, Iterator, Sequence
+
+import jax
+import numpy as np
+
+from jaxinfer.errors import InvalidRequestError
+from jaxinfer.model import Model
+from jaxinfer.sampling import SamplingParams
+from jaxinfer.state import FINISH_REASONS, EngineConfig, init_state
+from jaxinfer.steps import decode_steps_jit, evict_jit, insert_jit, make_requests
+
+MODES = ("continuous", "static")
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    request_id: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # generated ids only; a stop token that ended the request is included
+    text: str | None  # None without a tokenizer; special tokens are not rendered
+    finish_reason: str | None  # "stop", "length", "abort" (pool exhausted), None while running
+    token_times: list[float] = dataclasses.field(default_factory=list)  # perf_counter per token
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclasses.dataclass
+class StreamDelta:
+    """New output of one request since its previous delta."""
+
+    index: int  # position of the request in the generate/stream call (request_id for add_request)
+    request_id: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    time: float  # perf_counter when the tokens reached the host
+
+
+@dataclasses.dataclass
+class _Request:
+    rid: int
+    prompt: list[int]
+    params: SamplingParams
+    stop_ids: tuple[int, ...]
+    reserve: int  # pages reserved for the worst case
+    out: RequestOutput
+    detok: object | None
+    pending: list[int] = dataclasses.field(default_factory=list)
+    pending_text: str = ""
+
+
+class Engine:
+    """Continuous-batching generation over the pure jitted steps.
+
+    >>> engine = Engine(model, max_slots=4, page_size=16, num_pages=256, max_seq_len=512)
+    >>> outs = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=8, temperature=0.0))
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        max_slots: int = 4,
+        page_size: int = 16,
+        num_pages: int = 256,
+        max_seq_len: int = 512,
+        *,
+        tokenizer=None,
+        prefill_buckets: Sequence[int] = (),
+        max_prefill_batch: int = 0,
+        decode_steps: int = 8,
+        max_stop_ids: int = 4,
+        attention_backend: str = "auto",
+        mode: str = "continuous",
+        seed: int | None = None,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.mode = mode
+        self.cfg = EngineConfig(
+            max_slots=max_slots, page_size=page_size, num_pages=num_pages, max_seq_len=max_seq_len,
+            prefill_buckets=tuple(prefill_buckets), max_prefill_batch=max_prefill_batch,
+            max_stop_ids=max_stop_ids, decode_steps=decode_steps, attention_backend=attention_backend,
+        )
+        self.state = init_state(self.cfg, model.config, model.dtype)
+        self.eos_ids = tuple(
+            tokenizer.eos_ids if tokenizer is not None and tokenizer.eos_ids else model.config.eos_token_ids
+        )
+        self._seeds = np.random.default_rng(seed)
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._slots: list[_Request | None] = [None] * max_slots
+        self._reserved = 0
+        self._next_id = 0
+
+    # ------------------------------------------------------------------ requests
+    def _tokenize(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("a text prompt needs a tokenizer; pass token ids or Engine(tokenizer=...)")
+            return list(self.tokenizer.encode(prompt))
+        try:
+            ids = [int(t) for t in prompt]
+        except (TypeError, ValueError):
+            raise InvalidRequestError(f"a prompt must be a string or a sequence of ints, got {type(prompt).__name__}") from None
+        if any(not float(t).is_integer() for t in prompt):
+            raise InvalidRequestError("token ids must be integers")
+        return ids
+
+    def _check(self, prompt, params) -> _Request:
+        """Validate one request completely; raise InvalidRequestError without changing anything."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        vocab = self.model.config.vocab_size
+        params.validate(vocab)
+        ids = self._tokenize(prompt)
+        cfg = self.cfg
+        if not ids:
+            raise InvalidRequestError("empty prompt: at least one token is needed")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if len(ids) + 1 > cfg.max_seq_len:
+            raise InvalidRequestError(
+                f"prompt has {len(ids)} tokens; max_seq_len {cfg.max_seq_len} leaves room for prompts of "
+                f"at most {cfg.max_seq_len - 1} tokens (one position is needed for a generated token)"
+            )
+        stop_ids = tuple(dict.fromkeys([*self.eos_ids, *params.stop_token_ids]))
+        if len(stop_ids) > cfg.max_stop_ids:
+            raise InvalidRequestError(
+                f"{len(stop_ids)} stop token ids (EOS included) exceed max_stop_ids={cfg.max_stop_ids}"
+            )
+        reserve = cfg.pages_for(min(len(ids) + params.max_tokens, cfg.max_seq_len))
+        if reserve > cfg.num_pages - 1:
+            raise InvalidRequestError(
+                f"request needs up to {reserve} pages (prompt {len(ids)} + max_tokens {params.max_tokens}) but "
+                f"the pool has {cfg.num_pages - 1}; lower max_tokens or raise num_pages"
+            )
+        if params.seed is None:
+            params = dataclasses.replace(params, seed=int(self._seeds.integers(0, 2**32)))
+        params = dataclasses.replace(params, stop_token_ids=stop_ids)
+        rid = self._next_id
+        self._next_id += 1
+        detok = self.tokenizer.detokenizer(ids) if self.tokenizer is not None else None
+        out = RequestOutput(rid, ids, [], "" if detok is not None else None, None)
+        return _Request(rid, ids, params, stop_ids, reserve, out, detok)
+
+    def add_request(self, prompt, params: SamplingParams | None = None) -> int:
+        """Queue one request; returns its id. Bad input raises InvalidRequestError and leaves the
+        engine (and every other request) untouched."""
+        req = self._check(prompt, params if params is not None else SamplingParams())
+        self._waiting.append(req)
+        return req.rid
+
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting) or any(r is not None for r in self._slots)
+
+    # ------------------------------------------------------------------ scheduling
+    def _admit(self) -> list[_Request]:
+        cfg = self.cfg
+        free = [i for i, r in enumerate(self._slots) if r is None]
+        if self.mode == "static" and len(free) < cfg.max_slots:
+            return []
+        batch: list[_Request] = []
+        while self._waiting and len(batch) < min(len(free), cfg.max_prefill_batch):
+            req = self._waiting[0]
+            if self._reserved + req.reserve > cfg.num_pages - 1:
+                break  # FIFO: wait for pages rather than let later requests overtake
+            self._waiting.popleft()
+            self._reserved += req.reserve
+            batch.append(req)
+        return batch
+
+    def step(self) -> list[StreamDelta]:
+        """One scheduling iteration (admit + insert, decode_steps, evict); returns new output."""
+        cfg = self.cfg
+        batch = self._admit()
+        ins = None
+        if batch:
+            seq = cfg.prefill_bucket(max(len(r.prompt) for r in batch))
+            reqs = make_requests(cfg, [r.prompt for r in batch], [r.params for r in batch],
+                                 [r.rid for r in batch], cfg.batch_bucket(len(batch)), seq)
+            self.state, ins = insert_jit(cfg, self.model, self.state, reqs)
+        dec = None
+        if batch or any(r is not None for r in self._slots):
+            self.state, dec = decode_steps_jit(cfg, self.model, self.state, cfg.decode_steps)
+        ins, dec, finished, reason = jax.device_get(
+            (ins, dec, self.state.active & self.state.finished, self.state.finish_reason)
+        )
+        now = time.perf_counter()
+        touched: dict[int, _Request] = {}
+        evict = False
+        if ins is not None:
+            for row, req in enumerate(batch):
+                if not ins.accepted[row]:  # cannot happen with the reservations above; requeue
+                    self._reserved -= req.reserve
+                    self._waiting.appendleft(req)
+                    continue
+                self._slots[int(ins.slot[row])] = req
+                self._emit(req, int(ins.token[row]), now, touched)
+        if dec is not None:
+            for t in range(dec.token.shape[0]):
+                for s in np.nonzero(dec.emitted[t])[0]:
+                    self._emit(self._slots[s], int(dec.token[t, s]), now, touched)
+        for s, req in enumerate(self._slots):
+            if req is not None and finished[s]:
+                req.out.finish_reason = FINISH_REASONS[int(reason[s])]
+                self._slots[s] = None
+                self._reserved -= req.reserve
+                evict = True
+                touched[req.rid] = req
+        if evict:  # dispatched asynchronously; the next step's work queues behind it
+            self.state = evict_jit(cfg, self.state)
+        return [self._delta(req, now) for req in touched.values()]
+
+    def _emit(self, req: _Request, token: int, now: float, touched: dict) -> None:
+        req.out.token_ids.append(token)
+        req.out.token_times.append(now)
+        req.pending.append(token)
+        touched[req.rid] = req
+
+    def _delta(self, req: _Request, now: float) -> StreamDelta:
+        text = ""
+        if req.detok is not None:
+            text = req.detok.push(req.pending)
+            if req.out.finish_reason is not None:
+                text += req.detok.flush()
+            req.out.text += text
+        delta = StreamDelta(req.rid, req.rid, req.pending, text, req.out.finish_reason, now)
+        req.pending = []
+        return delta
+
+    # ------------------------------------------------------------------ user API
+    def _add_all(self, prompts, params) -> list[_Request]:
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):
+            raise InvalidRequestError("prompts must be a list of prompts (strings or token-id lists)")
+        prompts = list(prompts)
+        if params is None:
+            params = SamplingParams()
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise InvalidRequestError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
+        # Validate everything first: a bad request rejects the call before any request is queued.
+        reqs = []
+        for i, (p, sp) in enumerate(zip(prompts, plist)):
+            try:
+                reqs.append(self._check(p, sp))
+            except InvalidRequestError as e:
+                raise InvalidRequestError(f"request {i}: {e}") from None
+        self._waiting.extend(reqs)
+        return reqs
+
+    def stream(self, prompts, params=None) -> Iterator[StreamDelta]:
+        """Yield per-request deltas as soon as tokens reach the host. `delta.index` is the
+        prompt's position in `prompts`."""
+        reqs = self._add_all(prompts, params)
+        index = {r.rid: i for i, r in enumerate(reqs)}
+        remaining = set(index)
+        while remaining:
+            for d in self.step():
+                if d.request_id in index:
+                    if d.finish_reason is not None:
+                        remaining.discard(d.request_id)
+                    yield dataclasses.replace(d, index=index[d.request_id])
+
+    def generate(self, prompts, params=None) -> list[RequestOutput]:
+        """Run the prompts to completion; outputs in prompt order."""
+        reqs = self._add_all(prompts, params)
+        pending = {r.rid for r in reqs}
+        while pending:
+            for d in self.step():
+                if d.finish_reason is not None:
+                    pending.discard(d.request_id)
+        return [r.out for r in reqs]
+
+    def run_until_idle(self) -> None:
+        while self.has_unfinished():
+            self.step()
+
+    def stats(self) -> dict:
+        refcount = np.asarray(self.state.page_refcount)
+        return {
+            "pages_total": self.cfg.num_pages - 1,
+            "pages_used": int(np.sum(refcount[1:] > 0)),
+            "pages_free": int(np.sum(refcount[1:] == 0)),
+            "pages_reserved": self._reserved,
+            "running": sum(r is not None for r in self._slots),
+            "waiting": len(self._waiting),
+        }

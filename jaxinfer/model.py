@@ -1,0 +1,135 @@
+"""The Llama-family decoder as pure functions over a parameter PyTree.
+
+Parameter layout (`Model.params`), layers stacked on a leading axis so one `lax.scan` body
+serves every layer (compile time does not grow with depth). Linear weights are stored
+[in, out] (transposed from HF's [out, in]) so a layer is `x @ w`:
+
+    embed        [vocab, hidden]
+    layers/
+      attn_norm  [layers, hidden]
+      wq         [layers, hidden, q_heads*head_dim]     bq [layers, q_heads*head_dim]   (qkv_bias)
+      wk, wv     [layers, hidden, kv_heads*head_dim]    bk, bv [layers, kv_heads*head_dim]
+      wo         [layers, q_heads*head_dim, hidden]     bo [layers, hidden]              (o_bias)
+      mlp_norm   [layers, hidden]
+      w_gate, w_up [layers, hidden, ffn]                b_gate, b_up [layers, ffn]      (mlp_bias)
+      w_down     [layers, ffn, hidden]                  b_down [layers, hidden]          (mlp_bias)
+    final_norm   [hidden]
+    lm_head      [hidden, vocab]                        (absent when tie_word_embeddings)
+
+The layer body is shared by `forward` (no cache) and by the engine's prefill and decode steps;
+they differ only in the `attend` callback, which does attention and any KV-cache bookkeeping.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from jaxinfer.attention import prefill_attention
+from jaxinfer.config import ModelConfig
+
+Params = dict[str, Any]
+
+
+@flax.struct.dataclass
+class Model:
+    """A config (static: part of the jit cache key) and its parameters (a PyTree of arrays)."""
+
+    config: ModelConfig = flax.struct.field(pytree_node=False)
+    params: Params
+
+    @property
+    def dtype(self):
+        return self.params["embed"].dtype
+
+
+def rms_norm(x: Float[Array, "*b hidden"], w: Float[Array, "hidden"], eps: float) -> Float[Array, "*b hidden"]:
+    # As HF: normalise in float32, cast back, then scale (the order matters in bf16).
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return w * xf.astype(x.dtype)
+
+
+def rope_tables(config: ModelConfig, positions: Int[Array, "*b"]) -> tuple[Array, Array]:
+    """cos and sin [*b, head_dim] for positions, in float32 as HF computes them."""
+    inv_freq = jnp.asarray(config.rope.inv_freq(config.head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Float[Array, "*b heads head_dim"], cos: Array, sin: Array) -> Float[Array, "*b heads head_dim"]:
+    # HF's rotate_half convention (checkpoints store q/k rows permuted for it).
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    out = x.astype(jnp.float32) * cos[..., None, :] + rotated.astype(jnp.float32) * sin[..., None, :]
+    return out.astype(x.dtype)
+
+
+def linear(x: Array, w: Array, b: Array | None = None) -> Array:
+    # Accumulate in float32 whatever the storage dtype (bf16 weights on GPU).
+    y = jnp.einsum("...i,io->...o", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    if b is not None:
+        y = y + b.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+# attend(layer_index, q, k, v, cache) -> (out, cache): attention for one layer plus whatever the
+# caller keeps across layers (the KV pool for the engine; nothing for the plain forward).
+AttendFn = Callable[[Array, Array, Array, Array, Any], tuple[Array, Any]]
+
+
+def decoder(
+    model: Model,
+    tokens: Int[Array, "batch seq"],
+    positions: Int[Array, "batch seq"],
+    attend: AttendFn,
+    cache: Any,
+) -> tuple[Float[Array, "batch seq hidden"], Any]:
+    """Embeds tokens, runs every layer (lax.scan over the stacked weights) and the final norm."""
+    cfg, p = model.config, model.params
+    x = p["embed"][tokens]
+    cos, sin = rope_tables(cfg, positions)
+    b, t = tokens.shape
+
+    def layer(carry, lp):
+        x, cache, i = carry
+        h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+        q = linear(h, lp["wq"], lp.get("bq")).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = linear(h, lp["wk"], lp.get("bk")).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = linear(h, lp["wv"], lp.get("bv")).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o, cache = attend(i, q, k, v, cache)
+        x = x + linear(o.reshape(b, t, cfg.q_size), lp["wo"], lp.get("bo"))
+        h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+        gate = linear(h, lp["w_gate"], lp.get("b_gate"))
+        up = linear(h, lp["w_up"], lp.get("b_up"))
+        x = x + linear(jax.nn.silu(gate) * up, lp["w_down"], lp.get("b_down"))
+        return (x, cache, i + 1), None
+
+    (x, cache, _), _ = jax.lax.scan(layer, (x, cache, jnp.int32(0)), p["layers"])
+    return rms_norm(x, p["final_norm"], cfg.rms_norm_eps), cache
+
+
+def lm_head(model: Model, h: Float[Array, "*b hidden"]) -> Float[Array, "*b vocab"]:
+    p = model.params
+    w = p["embed"].T if model.config.tie_word_embeddings else p["lm_head"]
+    return jnp.einsum("...i,io->...o", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+
+
+@jax.jit
+def forward(model: Model, tokens: Int[Array, "batch seq"]) -> Float[Array, "batch seq vocab"]:
+    """Full-sequence causal forward without a cache: float32 logits for every position."""
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    window = model.config.sliding_window
+
+    def attend(i, q, k, v, cache):
+        return prefill_attention(q, k, v, lengths=None, sliding_window=window), cache
+
+    h, _ = decoder(model, tokens, positions, attend, None)
+    return lm_head(model, h)

@@ -1,0 +1,165 @@
+"""Engine state: one immutable PyTree holding the paged KV pool, page tables, the page
+allocator's bookkeeping and the slot table. Every shape is fixed by a frozen `EngineConfig`.
+
+Page-table representation (why no slot can read another slot's KV)
+------------------------------------------------------------------
+Page 0 is the *null page*: it is never handed out (its reference count is pinned at 1), and
+every page-table entry that does not hold one of the slot's own pages is 0. Three rules make
+cross-slot reads impossible:
+1. A slot's page-table entries are either pages the allocator gave to that slot (reference
+   count incremented for it, so no other slot can receive them while it holds them) or 0.
+2. Attention reads only positions < length, and every such position was written by this slot
+   (prefill writes positions < prompt length, decode writes position `length` before reading).
+   Whatever is in a page beyond `length` (stale data from an earlier owner) is masked, with
+   `where`, so even NaN garbage cannot leak.
+3. Writes for padded prompt positions, finished and inactive slots go to the null page, a
+   write-only sink nobody reads unmasked.
+Eviction decrements the counts of a slot's pages and resets its entries to 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.struct
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int, UInt32
+
+from jaxinfer.config import ModelConfig
+
+NULL_PAGE = 0
+
+# finish_reason codes stored in the state (names are the public strings).
+FINISH_NONE, FINISH_STOP, FINISH_LENGTH, FINISH_ABORT = 0, 1, 2, 3
+FINISH_REASONS = {FINISH_NONE: None, FINISH_STOP: "stop", FINISH_LENGTH: "length", FINISH_ABORT: "abort"}
+
+
+def default_buckets(max_seq_len: int, smallest: int = 16) -> tuple[int, ...]:
+    """Powers of two from `smallest` up to and including max_seq_len."""
+    out, b = [], smallest
+    while b < max_seq_len:
+        out.append(b)
+        b *= 2
+    out.append(max_seq_len)
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Static engine shapes: a jit static argument, so changing any of these recompiles.
+
+    Prefill compiles once per (batch bucket, length bucket) pair: a prompt is padded to the
+    smallest `prefill_buckets` entry that holds it and the insert batch to the next power of
+    two up to `max_prefill_batch`.
+    """
+
+    max_slots: int = 4
+    page_size: int = 16
+    num_pages: int = 256  # including the null page 0
+    max_seq_len: int = 512
+    prefill_buckets: tuple[int, ...] = ()
+    max_prefill_batch: int = 0  # 0: max_slots
+    max_stop_ids: int = 4
+    decode_steps: int = 8  # decode steps per host sync
+    attention_backend: str = "auto"
+
+    def __post_init__(self):
+        for name in ("max_slots", "page_size", "num_pages", "max_seq_len", "max_stop_ids", "decode_steps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"EngineConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.num_pages < 2:
+            raise ValueError("EngineConfig.num_pages must be >= 2 (page 0 is the reserved null page)")
+        if not self.prefill_buckets:
+            object.__setattr__(self, "prefill_buckets", default_buckets(self.max_seq_len))
+        if self.max_prefill_batch <= 0:
+            object.__setattr__(self, "max_prefill_batch", self.max_slots)
+        b = self.prefill_buckets
+        if list(b) != sorted(set(b)) or b[-1] < self.max_seq_len - 1:
+            raise ValueError(
+                f"prefill_buckets {b} must be strictly increasing and reach max_seq_len - 1 "
+                f"({self.max_seq_len - 1}) so every admissible prompt has a bucket"
+            )
+
+    @property
+    def pages_per_seq(self) -> int:
+        return math.ceil(self.max_seq_len / self.page_size)
+
+    @property
+    def batch_buckets(self) -> tuple[int, ...]:
+        out, b = [], 1
+        while b < self.max_prefill_batch:
+            out.append(b)
+            b *= 2
+        return tuple(out) + (self.max_prefill_batch,)
+
+    def prefill_bucket(self, length: int) -> int:
+        return next(b for b in self.prefill_buckets if b >= length)
+
+    def batch_bucket(self, n: int) -> int:
+        return next(b for b in self.batch_buckets if b >= n)
+
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.page_size)
+
+
+@flax.struct.dataclass
+class EngineState:
+    """Everything that changes while serving, as arrays. See the module docstring for pages."""
+
+    # KV pool: K and V pages for every layer.
+    k_pages: Float[Array, "layers pages page_size kv_heads head_dim"]
+    v_pages: Float[Array, "layers pages page_size kv_heads head_dim"]
+    # Page allocator: reference count per page; 0 = free. Page 0 (null) is pinned at 1.
+    page_refcount: Int[Array, "pages"]
+    # Slot -> pages. Entry p holds tokens [p*page_size, (p+1)*page_size); unused entries are 0.
+    page_table: Int[Array, "slots pages_per_seq"]
+    # Slot table.
+    active: Bool[Array, "slots"]  # holds a request (running, or finished and not yet evicted)
+    finished: Bool[Array, "slots"]
+    finish_reason: Int[Array, "slots"]  # FINISH_* codes
+    request_id: Int[Array, "slots"]  # caller's id; -1 when empty
+    length: Int[Array, "slots"]  # tokens whose K/V is in the pool
+    last_token: Int[Array, "slots"]  # newest sampled token (its K/V is written by the next decode)
+    num_generated: Int[Array, "slots"]
+    max_tokens: Int[Array, "slots"]
+    temperature: Float[Array, "slots"]  # 0 = greedy
+    top_k: Int[Array, "slots"]  # <= 0 = off
+    top_p: Float[Array, "slots"]  # 1 = off
+    min_p: Float[Array, "slots"]  # 0 = off
+    rng: UInt32[Array, "slots 2"]  # per-request threefry key; step i uses fold_in(key, i)
+    stop_ids: Int[Array, "slots max_stops"]  # -1 = unused
+
+    @property
+    def running(self) -> Bool[Array, "slots"]:
+        return self.active & ~self.finished
+
+
+def init_state(cfg: EngineConfig, model_cfg: ModelConfig, dtype=jnp.float32) -> EngineState:
+    """An empty state: every slot free, every page but the null page free."""
+    s = cfg.max_slots
+    pool_shape = (model_cfg.num_layers, cfg.num_pages, cfg.page_size, model_cfg.num_kv_heads,
+                  model_cfg.head_dim)
+    # Distinct buffers per field: the jitted steps donate the state, and XLA refuses to donate
+    # one buffer twice.
+    zeros_i = lambda: jnp.zeros((s,), jnp.int32)  # noqa: E731
+    return EngineState(
+        k_pages=jnp.zeros(pool_shape, dtype),
+        v_pages=jnp.zeros(pool_shape, dtype),
+        page_refcount=jnp.zeros((cfg.num_pages,), jnp.int32).at[NULL_PAGE].set(1),
+        page_table=jnp.full((s, cfg.pages_per_seq), NULL_PAGE, jnp.int32),
+        active=jnp.zeros((s,), bool),
+        finished=jnp.zeros((s,), bool),
+        finish_reason=zeros_i(),
+        request_id=jnp.full((s,), -1, jnp.int32),
+        length=zeros_i(),
+        last_token=zeros_i(),
+        num_generated=zeros_i(),
+        max_tokens=zeros_i(),
+        temperature=jnp.zeros((s,), jnp.float32),
+        top_k=zeros_i(),
+        top_p=jnp.ones((s,), jnp.float32),
+        min_p=jnp.zeros((s,), jnp.float32),
+        rng=jnp.zeros((s, 2), jnp.uint32),
+        stop_ids=jnp.full((s, cfg.max_stop_ids), -1, jnp.int32),
+    )

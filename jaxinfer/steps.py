@@ -1,0 +1,233 @@
+"""The three pure steps: `insert`, `decode` (and `decode_steps`, several per host sync), `evict`.
+
+Each takes (EngineConfig [static], Model, EngineState, ...) and returns a new EngineState plus
+small per-slot outputs. No globals, no host callbacks: they compose with the caller's own
+`jit`, `lax.scan` or `lax.while_loop`. The jitted entry points donate the state, so the KV
+pool is updated in place.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int, UInt32
+
+from jaxinfer import allocator
+from jaxinfer.attention import decode_attention, prefill_attention
+from jaxinfer.model import Model, decoder, lm_head
+from jaxinfer.sampling import sample
+from jaxinfer.state import (
+    FINISH_ABORT, FINISH_LENGTH, FINISH_NONE, FINISH_STOP, NULL_PAGE, EngineConfig, EngineState,
+)
+
+
+@flax.struct.dataclass
+class Requests:
+    """A padded batch of requests for `insert`. Rows with length 0 are empty (ignored)."""
+
+    tokens: Int[Array, "batch seq"]
+    length: Int[Array, "batch"]
+    request_id: Int[Array, "batch"]
+    max_tokens: Int[Array, "batch"]
+    temperature: Float[Array, "batch"]
+    top_k: Int[Array, "batch"]
+    top_p: Float[Array, "batch"]
+    min_p: Float[Array, "batch"]
+    rng: UInt32[Array, "batch 2"]
+    stop_ids: Int[Array, "batch max_stops"]
+
+
+def make_requests(cfg: EngineConfig, prompts, params, request_ids, batch: int, seq: int) -> Requests:
+    """Host side: pack prompts (lists of ints) and SamplingParams into a numpy `Requests` batch
+    of shape [batch, seq] (a bucket). Stop ids must already include EOS and fit max_stop_ids."""
+    tokens = np.zeros((batch, seq), np.int32)
+    f32 = lambda v: np.full((batch,), v, np.float32)  # noqa: E731
+    i32 = lambda v: np.full((batch,), v, np.int32)  # noqa: E731
+    r = dict(tokens=tokens, length=i32(0), request_id=i32(-1), max_tokens=i32(1), temperature=f32(0),
+             top_k=i32(0), top_p=f32(1), min_p=f32(0), rng=np.zeros((batch, 2), np.uint32),
+             stop_ids=np.full((batch, cfg.max_stop_ids), -1, np.int32))
+    for row, (prompt, sp, rid) in enumerate(zip(prompts, params, request_ids)):
+        tokens[row, : len(prompt)] = prompt
+        r["length"][row], r["request_id"][row], r["max_tokens"][row] = len(prompt), rid, sp.max_tokens
+        r["temperature"][row], r["top_k"][row] = sp.temperature, sp.top_k
+        r["top_p"][row], r["min_p"][row] = sp.top_p, sp.min_p
+        # Threefry key data for a 32-bit seed, as jax.random.key(seed) makes it, without a device op.
+        r["rng"][row] = (0, sp.seed)
+        r["stop_ids"][row, : len(sp.stop_token_ids)] = sp.stop_token_ids
+    return Requests(**r)
+
+
+@flax.struct.dataclass
+class InsertResult:
+    accepted: Bool[Array, "batch"]  # False: no free slot or not enough free pages (row untouched)
+    slot: Int[Array, "batch"]  # slot the request went to (max_slots when not accepted)
+    token: Int[Array, "batch"]  # first generated token
+    finished: Bool[Array, "batch"]
+
+
+def _finish(state: EngineState, running, token, cfg: EngineConfig):
+    """Stop/length detection after `token` was sampled for running slots (length and
+    num_generated already updated). Returns (finished, finish_reason)."""
+    is_stop = jnp.any(token[:, None] == state.stop_ids, axis=-1)
+    # The sampled token still needs a cache position to be fed back: stop when none is left.
+    out_of_room = (state.num_generated >= state.max_tokens) | (state.length + 1 >= cfg.max_seq_len)
+    reason = jnp.where(is_stop, FINISH_STOP, jnp.where(out_of_room, FINISH_LENGTH, FINISH_NONE))
+    newly = running & (reason != FINISH_NONE)
+    return state.finished | newly, jnp.where(newly, reason, state.finish_reason)
+
+
+def insert(cfg: EngineConfig, model: Model, state: EngineState, req: Requests) -> tuple[EngineState, InsertResult]:
+    """Prefill a batch of requests into free slots and sample each one's first token.
+
+    Design: slot and page assignment are computed with cumulative sums (request r goes to the
+    r-th free slot and takes the next ceil(len / page_size) free pages); a request is accepted
+    only if it and all before it fit, so rejection is a clean no-op for that row. The prompt's
+    K/V is scattered into the new pages layer by layer; padded positions and rejected rows
+    write to the null page.
+    """
+    s, ps = cfg.max_slots, cfg.page_size
+    b, t = req.tokens.shape
+    valid = req.length > 0
+    free_slot = ~state.active
+    rank = jnp.cumsum(valid) - 1
+    slots_ok = valid & (rank < jnp.sum(free_slot))
+    need = jnp.where(slots_ok, -(-req.length // ps), 0)
+    pages, granted, refcount = allocator.allocate(state.page_refcount, need, cfg.pages_per_seq)
+    accepted = slots_ok & granted
+    free_ids = jnp.nonzero(free_slot, size=s, fill_value=s)[0]
+    slot = jnp.where(accepted, free_ids[jnp.clip(rank, 0, s - 1)], s)
+
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    in_prompt = accepted[:, None] & (pos < req.length[:, None])
+    write_page = jnp.where(in_prompt, jnp.take_along_axis(pages, jnp.minimum(pos // ps, pages.shape[1] - 1), 1), NULL_PAGE)
+    write_off = pos % ps
+    window = model.config.sliding_window
+
+    def attend(i, q, k, v, kv):
+        kp, vp = kv
+        kp = kp.at[i, write_page, write_off].set(k.astype(kp.dtype))
+        vp = vp.at[i, write_page, write_off].set(v.astype(vp.dtype))
+        o = prefill_attention(q, k, v, lengths=req.length, sliding_window=window, backend=cfg.attention_backend)
+        return o, (kp, vp)
+
+    h, (k_pages, v_pages) = decoder(model, req.tokens, pos, attend, (state.k_pages, state.v_pages))
+    last = jnp.take_along_axis(h, jnp.maximum(req.length - 1, 0)[:, None, None], axis=1)[:, 0]
+    logits = lm_head(model, last)
+    token = sample(logits, req.temperature, req.top_k, req.top_p, req.min_p, req.rng, jnp.zeros((b,), jnp.int32))
+
+    # Scatter the accepted rows into their slots; rejected rows target slot s and are dropped.
+    def put(field, value):
+        return field.at[slot].set(value.astype(field.dtype), mode="drop")
+
+    st = state.replace(
+        k_pages=k_pages, v_pages=v_pages, page_refcount=refcount,
+        page_table=put(state.page_table, pages),
+        active=put(state.active, accepted), finished=put(state.finished, jnp.zeros_like(accepted)),
+        finish_reason=put(state.finish_reason, jnp.zeros_like(req.length)),
+        request_id=put(state.request_id, req.request_id), length=put(state.length, req.length),
+        last_token=put(state.last_token, token), num_generated=put(state.num_generated, jnp.ones_like(token)),
+        max_tokens=put(state.max_tokens, req.max_tokens), temperature=put(state.temperature, req.temperature),
+        top_k=put(state.top_k, req.top_k), top_p=put(state.top_p, req.top_p), min_p=put(state.min_p, req.min_p),
+        rng=put(state.rng, req.rng), stop_ids=put(state.stop_ids, req.stop_ids),
+    )
+    new = jnp.zeros((s,), bool).at[slot].set(True, mode="drop")
+    finished, reason = _finish(st, new, st.last_token, cfg)
+    st = st.replace(finished=finished, finish_reason=reason)
+    done = jnp.take(finished, jnp.minimum(slot, s - 1)) & accepted
+    return st, InsertResult(accepted=accepted, slot=slot, token=token, finished=done)
+
+
+@flax.struct.dataclass
+class DecodeResult:
+    token: Int[Array, "slots"]
+    emitted: Bool[Array, "slots"]  # True where `token` is a new token of a running request
+
+
+def decode(cfg: EngineConfig, model: Model, state: EngineState) -> tuple[EngineState, DecodeResult]:
+    """One token for every running slot.
+
+    Design: the slot's pending `last_token` goes to position `length`; if that position opens a
+    new page, one is allocated (vectorised over slots). A slot that cannot get a page finishes
+    with reason "abort" instead of corrupting anything. K/V are written before attention so
+    the query sees itself; non-running slots write to the null page and attend to nothing.
+    """
+    s, ps = cfg.max_slots, cfg.page_size
+    running = state.running
+    pos = state.length
+    page_idx = jnp.minimum(pos // ps, cfg.pages_per_seq - 1)
+    need = (running & (pos % ps == 0)).astype(jnp.int32)
+    new_pages, granted, refcount = allocator.allocate(state.page_refcount, need, 1)
+    starved = (need > 0) & ~granted
+    running = running & ~starved
+    rows = jnp.arange(s)
+    page_table = state.page_table.at[rows, page_idx].set(
+        jnp.where((need > 0) & granted, new_pages[:, 0], state.page_table[rows, page_idx])
+    )
+    write_page = jnp.where(running, page_table[rows, page_idx], NULL_PAGE)[:, None]
+    write_off = (pos % ps)[:, None]
+    attn_len = jnp.where(running, pos + 1, 0)
+    window = model.config.sliding_window
+
+    def attend(i, q, k, v, kv):
+        kp, vp = kv
+        kp = kp.at[i, write_page, write_off].set(k.astype(kp.dtype))
+        vp = vp.at[i, write_page, write_off].set(v.astype(vp.dtype))
+        o = decode_attention(q[:, 0], kp[i], vp[i], page_table, attn_len, sliding_window=window,
+                             backend=cfg.attention_backend)
+        return o[:, None], (kp, vp)
+
+    h, (k_pages, v_pages) = decoder(model, state.last_token[:, None], pos[:, None], attend,
+                                    (state.k_pages, state.v_pages))
+    logits = lm_head(model, h[:, 0])
+    token = sample(logits, state.temperature, state.top_k, state.top_p, state.min_p, state.rng,
+                   state.num_generated)
+    st = state.replace(
+        k_pages=k_pages, v_pages=v_pages, page_refcount=refcount, page_table=page_table,
+        length=jnp.where(running, pos + 1, pos),
+        last_token=jnp.where(running, token, state.last_token),
+        num_generated=state.num_generated + running,
+        finished=state.finished | starved,
+        finish_reason=jnp.where(starved, FINISH_ABORT, state.finish_reason),
+    )
+    finished, reason = _finish(st, running, token, cfg)
+    st = st.replace(finished=finished, finish_reason=reason)
+    return st, DecodeResult(token=token, emitted=running)
+
+
+def decode_steps(cfg: EngineConfig, model: Model, state: EngineState, num_steps: int):
+    """`num_steps` decode steps on device (one host sync for all): tokens/emitted [steps, slots]."""
+    def body(st, _):
+        st, out = decode(cfg, model, st)
+        return st, out
+
+    return jax.lax.scan(body, state, None, length=num_steps)
+
+
+def evict(cfg: EngineConfig, state: EngineState, mask: Bool[Array, "slots"] | None = None) -> EngineState:
+    """Free the slots in `mask` (default: every finished slot): drop their page references and
+    clear their table rows. Pages whose count reaches 0 are free for the next allocation."""
+    if mask is None:
+        mask = state.active & state.finished
+    mask = mask & state.active
+    refcount = allocator.release(state.page_refcount, state.page_table, mask)
+    return state.replace(
+        page_refcount=refcount,
+        page_table=jnp.where(mask[:, None], NULL_PAGE, state.page_table),
+        active=state.active & ~mask,
+        finished=state.finished & ~mask,
+        finish_reason=jnp.where(mask, FINISH_NONE, state.finish_reason),
+        request_id=jnp.where(mask, -1, state.request_id),
+        length=jnp.where(mask, 0, state.length),
+        num_generated=jnp.where(mask, 0, state.num_generated),
+    )
+
+
+# Jitted entry points. The state (argument 2) is donated: its buffers are reused for the result.
+insert_jit = jax.jit(insert, static_argnums=0, donate_argnums=2)
+decode_jit = jax.jit(decode, static_argnums=0, donate_argnums=2)
+decode_steps_jit = jax.jit(decode_steps, static_argnums=(0, 3), donate_argnums=2)
+evict_jit = jax.jit(evict, static_argnums=0, donate_argnums=1)

@@ -22,7 +22,11 @@ mismatch anywhere is reported in the same vocabulary (tests run with runtime sha
 | steps           | decode steps run per host sync                                  |
 """
 
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int, UInt32
+
+# Host-side batches (numpy) and their device twins share one annotation.
+AnyArray = Array | np.ndarray
 
 BATCH = "batch"
 SEQ = "seq"
@@ -57,6 +61,7 @@ SlotKeys = UInt32[Array, "slots 2"]
 StopIds = Int[Array, "slots max_stops"]
 
 __all__ = [
+    "AnyArray",
     "BATCH", "SEQ", "SLOTS", "PAGES", "PAGE_SIZE", "PAGES_PER_SEQ", "LAYERS", "Q_HEADS",
     "KV_HEADS", "HEAD_DIM", "HIDDEN", "FFN", "VOCAB", "MAX_STOPS", "STEPS",
     "Tokens", "Lengths", "Logits", "Queries", "KeysValues", "DecodeQueries", "PageTable",

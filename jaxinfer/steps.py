@@ -19,6 +19,7 @@ from jaxtyping import Array, Bool, Float, Int, UInt32
 from jaxinfer import allocator
 from jaxinfer.attention import decode_attention, prefill_attention
 from jaxinfer.model import Model, decoder, lm_head
+from jaxinfer.dims import AnyArray
 from jaxinfer.sampling import sample
 from jaxinfer.state import (
     FINISH_ABORT, FINISH_LENGTH, FINISH_NONE, FINISH_STOP, NULL_PAGE, EngineConfig, EngineState,
@@ -29,16 +30,16 @@ from jaxinfer.state import (
 class Requests:
     """A padded batch of requests for `insert`. Rows with length 0 are empty (ignored)."""
 
-    tokens: Int[Array, "batch seq"]
-    length: Int[Array, "batch"]
-    request_id: Int[Array, "batch"]
-    max_tokens: Int[Array, "batch"]
-    temperature: Float[Array, "batch"]
-    top_k: Int[Array, "batch"]
-    top_p: Float[Array, "batch"]
-    min_p: Float[Array, "batch"]
-    rng: UInt32[Array, "batch 2"]
-    stop_ids: Int[Array, "batch max_stops"]
+    tokens: Int[AnyArray, "batch seq"]
+    length: Int[AnyArray, "batch"]
+    request_id: Int[AnyArray, "batch"]
+    max_tokens: Int[AnyArray, "batch"]
+    temperature: Float[AnyArray, "batch"]
+    top_k: Int[AnyArray, "batch"]
+    top_p: Float[AnyArray, "batch"]
+    min_p: Float[AnyArray, "batch"]
+    rng: UInt32[AnyArray, "batch 2"]
+    stop_ids: Int[AnyArray, "batch max_stops"]
 
 
 def make_requests(cfg: EngineConfig, prompts, params, request_ids, batch: int, seq: int) -> Requests:
@@ -63,10 +64,10 @@ def make_requests(cfg: EngineConfig, prompts, params, request_ids, batch: int, s
 
 @flax.struct.dataclass
 class InsertResult:
-    accepted: Bool[Array, "batch"]  # False: no free slot or not enough free pages (row untouched)
-    slot: Int[Array, "batch"]  # slot the request went to (max_slots when not accepted)
-    token: Int[Array, "batch"]  # first generated token
-    finished: Bool[Array, "batch"]
+    accepted: Bool[AnyArray, "batch"]  # False: no free slot or not enough free pages (row untouched)
+    slot: Int[AnyArray, "batch"]  # slot the request went to (max_slots when not accepted)
+    token: Int[AnyArray, "batch"]  # first generated token
+    finished: Bool[AnyArray, "batch"]
 
 
 def _finish(state: EngineState, running, token, cfg: EngineConfig):
@@ -143,17 +144,20 @@ def insert(cfg: EngineConfig, model: Model, state: EngineState, req: Requests) -
 
 @flax.struct.dataclass
 class DecodeResult:
-    token: Int[Array, "slots"]
-    emitted: Bool[Array, "slots"]  # True where `token` is a new token of a running request
+    token: Int[AnyArray, "slots"]
+    emitted: Bool[AnyArray, "slots"]  # True where `token` is a new token of a running request
 
 
-def decode(cfg: EngineConfig, model: Model, state: EngineState) -> tuple[EngineState, DecodeResult]:
-    """One token for every running slot.
+def decode_forward(cfg: EngineConfig, model: Model, state: EngineState) -> tuple[EngineState, Float[Array, "slots vocab"], Bool[Array, "slots"]]:
+    """Feed every running slot's pending `last_token`: allocate its page if needed, write its
+    K/V, attend over the slot's pages, and return the next-token logits. No sampling.
 
-    Design: the slot's pending `last_token` goes to position `length`; if that position opens a
-    new page, one is allocated (vectorised over slots). A slot that cannot get a page finishes
-    with reason "abort" instead of corrupting anything. K/V are written before attention so
-    the query sees itself; non-running slots write to the null page and attend to nothing.
+    Design: the token goes to position `length`; if that position opens a new page, one is
+    allocated (vectorised over slots). A slot that cannot get a page finishes with reason
+    "abort" instead of corrupting anything. K/V are written before attention so the query sees
+    itself; non-running slots write to the null page and attend to nothing. Returns the new
+    state (length advanced), logits [slots, vocab] float32 and the mask of slots that ran.
+    Useful on its own for scoring / teacher forcing: set `last_token` and call it.
     """
     s, ps = cfg.max_slots, cfg.page_size
     running = state.running
@@ -182,16 +186,22 @@ def decode(cfg: EngineConfig, model: Model, state: EngineState) -> tuple[EngineS
 
     h, (k_pages, v_pages) = decoder(model, state.last_token[:, None], pos[:, None], attend,
                                     (state.k_pages, state.v_pages))
-    logits = lm_head(model, h[:, 0])
-    token = sample(logits, state.temperature, state.top_k, state.top_p, state.min_p, state.rng,
-                   state.num_generated)
     st = state.replace(
         k_pages=k_pages, v_pages=v_pages, page_refcount=refcount, page_table=page_table,
         length=jnp.where(running, pos + 1, pos),
-        last_token=jnp.where(running, token, state.last_token),
-        num_generated=state.num_generated + running,
         finished=state.finished | starved,
         finish_reason=jnp.where(starved, FINISH_ABORT, state.finish_reason),
+    )
+    return st, lm_head(model, h[:, 0]), running
+
+
+def decode(cfg: EngineConfig, model: Model, state: EngineState) -> tuple[EngineState, DecodeResult]:
+    """One token for every running slot: `decode_forward`, sample, stop/length detection."""
+    st, logits, running = decode_forward(cfg, model, state)
+    token = sample(logits, st.temperature, st.top_k, st.top_p, st.min_p, st.rng, st.num_generated)
+    st = st.replace(
+        last_token=jnp.where(running, token, st.last_token),
+        num_generated=st.num_generated + running,
     )
     finished, reason = _finish(st, running, token, cfg)
     st = st.replace(finished=finished, finish_reason=reason)
@@ -228,6 +238,7 @@ def evict(cfg: EngineConfig, state: EngineState, mask: Bool[Array, "slots"] | No
 
 # Jitted entry points. The state (argument 2) is donated: its buffers are reused for the result.
 insert_jit = jax.jit(insert, static_argnums=0, donate_argnums=2)
+decode_forward_jit = jax.jit(decode_forward, static_argnums=0, donate_argnums=2)
 decode_jit = jax.jit(decode, static_argnums=0, donate_argnums=2)
 decode_steps_jit = jax.jit(decode_steps, static_argnums=(0, 3), donate_argnums=2)
 evict_jit = jax.jit(evict, static_argnums=0, donate_argnums=1)

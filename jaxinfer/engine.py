@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
+import typing
 from typing import Iterable, Iterator, Sequence
 
 import jax
@@ -129,6 +130,7 @@ class Engine:
             raise InvalidRequestError("token ids must be integers")
         return ids
 
+    @typing.no_type_check  # explicit validation below gives the user a specific message
     def _check(self, prompt, params) -> _Request:
         """Validate one request completely; raise InvalidRequestError without changing anything."""
         if not isinstance(params, SamplingParams):
@@ -167,6 +169,7 @@ class Engine:
         out = RequestOutput(rid, ids, [], "" if detok is not None else None, None)
         return _Request(rid, ids, params, stop_ids, reserve, out, detok)
 
+    @typing.no_type_check  # explicit validation below gives the user a specific message
     def add_request(self, prompt, params: SamplingParams | None = None) -> int:
         """Queue one request; returns its id. Bad input raises InvalidRequestError and leaves the
         engine (and every other request) untouched."""
@@ -253,6 +256,7 @@ class Engine:
         return delta
 
     # ------------------------------------------------------------------ user API
+    @typing.no_type_check  # explicit validation below gives the user a specific message
     def _add_all(self, prompts, params) -> list[_Request]:
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):
             raise InvalidRequestError("prompts must be a list of prompts (strings or token-id lists)")

@@ -144,8 +144,9 @@ def insert(cfg: EngineConfig, model: Model, state: EngineState, req: Requests) -
 
 @flax.struct.dataclass
 class DecodeResult:
-    token: Int[AnyArray, "slots"]
-    emitted: Bool[AnyArray, "slots"]  # True where `token` is a new token of a running request
+    # [slots] from decode; [steps, slots] from decode_steps (lax.scan stacks them).
+    token: Int[AnyArray, "*steps slots"]
+    emitted: Bool[AnyArray, "*steps slots"]  # True where `token` is a new token of a running request
 
 
 def decode_forward(cfg: EngineConfig, model: Model, state: EngineState) -> tuple[EngineState, Float[Array, "slots vocab"], Bool[Array, "slots"]]:

@@ -77,6 +77,10 @@ class Engine:
 
     >>> engine = Engine(model, max_slots=4, page_size=16, num_pages=256, max_seq_len=512)
     >>> outs = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=8, temperature=0.0))
+
+    Prompts are token-id lists (used as given) or strings (need `tokenizer`; BOS is prepended
+    when the tokenizer does not add it and `add_bos`). `decode_steps` decode steps run on device
+    per host sync. `mode="static"` admits new requests only when every slot is empty.
     """
 
     def __init__(
@@ -95,11 +99,13 @@ class Engine:
         attention_backend: str = "auto",
         mode: str = "continuous",
         seed: int | None = None,
+        add_bos: bool = True,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.model = model
         self.tokenizer = tokenizer
+        self.add_bos = add_bos
         self.mode = mode
         self.cfg = EngineConfig(
             max_slots=max_slots, page_size=page_size, num_pages=num_pages, max_seq_len=max_seq_len,
@@ -121,7 +127,13 @@ class Engine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequestError("a text prompt needs a tokenizer; pass token ids or Engine(tokenizer=...)")
-            return list(self.tokenizer.encode(prompt))
+            ids = list(self.tokenizer.encode(prompt))
+            # Some tokenizer.json files (stories260K's, Llama 2's) do not add BOS although the
+            # model was trained with it; make sure a text prompt starts with exactly one.
+            bos = self.tokenizer.bos_id
+            if self.add_bos and bos is not None and ids[:1] != [bos]:
+                ids = [bos] + ids
+            return ids
         try:
             ids = [int(t) for t in prompt]
         except (TypeError, ValueError):
@@ -149,7 +161,7 @@ class Engine:
                 f"prompt has {len(ids)} tokens; max_seq_len {cfg.max_seq_len} leaves room for prompts of "
                 f"at most {cfg.max_seq_len - 1} tokens (one position is needed for a generated token)"
             )
-        stop_ids = tuple(dict.fromkeys([*self.eos_ids, *params.stop_token_ids]))
+        stop_ids = tuple(dict.fromkeys([*(() if params.ignore_eos else self.eos_ids), *params.stop_token_ids]))
         if len(stop_ids) > cfg.max_stop_ids:
             raise InvalidRequestError(
                 f"{len(stop_ids)} stop token ids (EOS included) exceed max_stop_ids={cfg.max_stop_ids}"

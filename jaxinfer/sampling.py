@@ -28,7 +28,8 @@ class SamplingParams:
     """Per-request generation settings.
 
     temperature 0 is greedy. top_k <= 0, top_p = 1 and min_p = 0 switch those filters off.
-    seed None draws a fresh seed per request. stop_token_ids are added to the model's EOS ids.
+    seed None draws a fresh seed per request. stop_token_ids are added to the model's EOS ids
+    unless ignore_eos.
     """
 
     max_tokens: int = 16
@@ -38,6 +39,7 @@ class SamplingParams:
     min_p: float = 0.0
     seed: int | None = None
     stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False  # do not stop at the model's EOS (benchmarks); stop_token_ids still apply
 
     def __post_init__(self):
         self.validate()
@@ -58,6 +60,8 @@ class SamplingParams:
             bad("min_p", self.min_p, "a number in [0, 1]")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32):
             bad("seed", self.seed, "None or an integer in [0, 2**32)")
+        if not isinstance(self.ignore_eos, bool):
+            bad("ignore_eos", self.ignore_eos, "a bool")
         for t in self.stop_token_ids:
             if isinstance(t, bool) or not isinstance(t, int) or t < 0 or (vocab_size is not None and t >= vocab_size):
                 bad("stop_token_ids", list(self.stop_token_ids), f"token ids in [0, {vocab_size or 'vocab_size'})")

@@ -1,0 +1,105 @@
+"""Command line: `python -m jaxinfer generate [--model DIR] --prompt TEXT ...` streams text.
+
+Without --model the built-in default is used: the real pretrained stories260K checkpoint when
+the shared test assets are next to the repository (../shared/assets/stories260K, or the
+JAXINFER_DEFAULT_MODEL directory), otherwise the random-weight `tiny` preset with a byte
+tokenizer (its text is gibberish, but it runs the whole pipeline with no files at all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_PROMPT = "Once upon a time"
+
+
+def _default_model_dir() -> Path | None:
+    env = os.environ.get("JAXINFER_DEFAULT_MODEL")
+    candidates = [Path(env)] if env else []
+    repo = Path(__file__).resolve().parents[1]
+    candidates += [repo.parent / "shared" / "assets" / "stories260K",
+                   Path.cwd().parent / "shared" / "assets" / "stories260K"]
+    return next((c for c in candidates if (c / "config.json").exists()), None)
+
+
+def load(model_dir: str | None, preset: str | None, dtype: str):
+    """Returns (model, tokenizer, description)."""
+    import jaxinfer
+
+    if preset:
+        model = jaxinfer.dummy_model(jaxinfer.get_preset(preset), dtype=dtype)
+        tok = jaxinfer.ByteTokenizer() if model.config.vocab_size >= 258 else None
+        return model, tok, f"preset {preset!r} with random weights"
+    path = Path(model_dir) if model_dir else _default_model_dir()
+    if path is None:
+        return load(None, "tiny", dtype)[:2] + (
+            "built-in default: random-weight 'tiny' preset + byte tokenizer (stories260K not found)",)
+    model = jaxinfer.load_model(path, dtype=dtype)
+    what = str(path) if model_dir else f"built-in default: stories260K at {path}"
+    return model, jaxinfer.load_tokenizer(path), what
+
+
+def cmd_generate(args) -> int:
+    import jaxinfer
+
+    model, tok, what = load(args.model, args.preset, args.dtype)
+    print(f"[jaxinfer] model: {what} ({model.config.num_params() / 1e6:.2f}M params)", file=sys.stderr)
+    engine = jaxinfer.Engine(model, max_slots=args.slots, page_size=args.page_size, num_pages=args.num_pages,
+                             max_seq_len=args.max_seq_len, tokenizer=tok)
+    params = jaxinfer.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                                     top_p=args.top_p, min_p=args.min_p, seed=args.seed)
+    prompts = args.prompt or [DEFAULT_PROMPT]
+    if tok is None:
+        prompts = [[int(t) for t in p.split()] for p in prompts]
+    start, n_tokens = time.perf_counter(), 0
+    texts: dict[int, str] = {}
+    if len(prompts) == 1 and tok is not None:
+        print(prompts[0], end="", flush=True)
+    try:
+        for d in engine.stream(prompts, params):
+            n_tokens += len(d.token_ids)
+            text = d.text if tok is not None else "".join(f" {t}" for t in d.token_ids)
+            if len(prompts) == 1:  # one prompt: stream it live
+                print(text, end="", flush=True)
+                continue
+            texts[d.index] = texts.get(d.index, "") + text
+            if d.finish_reason is not None:  # several: print each as it finishes
+                print(f"--- [{d.index}] {prompts[d.index]!r} ({d.finish_reason})\n{texts[d.index]}", flush=True)
+    except jaxinfer.InvalidRequestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    elapsed = time.perf_counter() - start
+    print(f"\n[jaxinfer] {n_tokens} tokens in {elapsed:.2f}s (including compilation)", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="jaxinfer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text, streamed to stdout")
+    g.add_argument("--model", help="Hugging Face checkpoint directory (default: built-in, see above)")
+    g.add_argument("--preset", help="random weights with a named preset's shapes instead of --model")
+    g.add_argument("--prompt", action="append", help=f"prompt text; repeat for several (default {DEFAULT_PROMPT!r})")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--slots", type=int, default=4)
+    g.add_argument("--page-size", type=int, default=16)
+    g.add_argument("--num-pages", type=int, default=256)
+    g.add_argument("--max-seq-len", type=int, default=512)
+    g.set_defaults(func=cmd_generate)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 from jaxinfer.attention import prefill_attention
@@ -122,8 +123,7 @@ def lm_head(model: Model, h: Float[Array, "*b hidden"]) -> Float[Array, "*b voca
 
 
 @jax.jit
-def forward(model: Model, tokens: Int[Array, "batch seq"]) -> Float[Array, "batch seq vocab"]:
-    """Full-sequence causal forward without a cache: float32 logits for every position."""
+def _forward(model: Model, tokens: Int[Array, "batch seq"]) -> Float[Array, "batch seq vocab"]:
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     window = model.config.sliding_window
@@ -133,3 +133,20 @@ def forward(model: Model, tokens: Int[Array, "batch seq"]) -> Float[Array, "batc
 
     h, _ = decoder(model, tokens, positions, attend, None)
     return lm_head(model, h)
+
+
+def forward(model: Model, tokens) -> Float[Array, "batch seq vocab"]:
+    """Full-sequence causal forward without a cache: float32 logits [batch, seq, vocab].
+
+    Concrete inputs are checked (rank 2, integer, ids inside the vocabulary: XLA would clamp a
+    bad id silently); inside a caller's jit only the static checks apply.
+    """
+    if not hasattr(tokens, "shape") or not hasattr(tokens, "dtype"):
+        tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be an integer array [batch, seq], got {tokens.dtype}{list(tokens.shape)}")
+    if not isinstance(tokens, jax.core.Tracer) and tokens.size:
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= model.config.vocab_size:
+            raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {model.config.vocab_size})")
+    return _forward(model, jnp.asarray(tokens, jnp.int32))

@@ -75,15 +75,16 @@ def _filter_and_draw(
     min_p: Float[Array, ""],
     key: UInt32[Array, "2"],
 ) -> Int[Array, ""]:
-    # One descending sort serves all three filters: top-k is a rank test, top-p a test on the
-    # probability mass strictly before a token (so the most likely token always survives),
-    # min-p a ratio to the top probability (invariant to renormalisation).
+    # One descending sort serves all three filters. Each filter sees the distribution the
+    # previous one left, renormalised, as in HF's warper chain: top-k is a rank test; top-p a
+    # test on the mass strictly before a token (the most likely token always survives); min-p a
+    # ratio to the top probability (which renormalisation does not change).
     scaled = logits / jnp.maximum(temperature, 1e-6)
     order = jnp.argsort(-scaled)
     sorted_logits = scaled[order]
-    probs = jax.nn.softmax(sorted_logits)
     rank = jnp.arange(logits.shape[0])
     keep = (top_k <= 0) | (rank < top_k)
+    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf))
     keep &= (jnp.cumsum(probs) - probs) < top_p
     keep &= probs >= min_p * probs[0]
     masked = jnp.where(keep, sorted_logits, -jnp.inf)

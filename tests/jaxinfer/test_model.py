@@ -57,3 +57,27 @@ def test_prefill_plus_paged_decode_equals_forward(checkpoint):
         err = np.abs(np.asarray(logits[slot]) - full[pos]).max()
         assert err <= REL_TOL * scale, f"{name}: position {pos}: err {err}"
     assert int(state.length[slot]) == len(seq)
+
+
+def test_forward_rejects_bad_tokens(tiny_model):
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        jaxinfer.forward(tiny_model, [[1, 2, tiny_model.config.vocab_size]])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        jaxinfer.forward(tiny_model, np.array([[-1, 2]]))
+    with pytest.raises(ValueError, match=r"integer array \[batch, seq\]"):
+        jaxinfer.forward(tiny_model, np.array([1, 2]))
+    with pytest.raises(ValueError, match=r"integer array \[batch, seq\]"):
+        jaxinfer.forward(tiny_model, np.array([[1.0, 2.0]]))
+
+
+def test_bf16_model_tracks_fp32(tiny_model):
+    """bf16 weights/activations with f32 accumulation: logits stay close to the f32 model
+    (bf16 has 8 mantissa bits; 4 layers of rounding keep the error within a few percent)."""
+    import jax
+
+    bf16 = jaxinfer.Model(tiny_model.config, jax.tree.map(lambda x: x.astype(jnp.bfloat16), tiny_model.params))
+    tokens = np.random.default_rng(0).integers(0, tiny_model.config.vocab_size, (1, 24))
+    a = np.asarray(jaxinfer.forward(tiny_model, tokens))
+    b = np.asarray(jaxinfer.forward(bf16, tokens))
+    assert b.dtype == np.float32
+    assert np.abs(a - b).max() <= 0.05 * np.abs(a).max() + 1e-3

@@ -57,7 +57,8 @@ def make_requests(cfg: EngineConfig, prompts, params, request_ids, batch: int, s
         r["temperature"][row], r["top_k"][row] = sp.temperature, sp.top_k
         r["top_p"][row], r["min_p"][row] = sp.top_p, sp.min_p
         # Threefry key data for a 32-bit seed, as jax.random.key(seed) makes it, without a device op.
-        r["rng"][row] = (0, sp.seed)
+        seed = sp.seed if sp.seed is not None else int(np.random.default_rng().integers(2**32))
+        r["rng"][row] = (0, seed)
         r["stop_ids"][row, : len(sp.stop_token_ids)] = sp.stop_token_ids
     return Requests(**r)
 

@@ -142,6 +142,8 @@ class ModelConfig:
     def num_params(self) -> int:
         d, f, v, layers = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_layers
         per_layer = d * (self.q_size + 2 * self.kv_size) + self.q_size * d + 3 * d * f + 2 * d
+        per_layer += (self.q_size + 2 * self.kv_size) * self.qkv_bias + d * self.o_bias
+        per_layer += (2 * f + d) * self.mlp_bias
         return v * d * (1 if self.tie_word_embeddings else 2) + layers * per_layer + d
 
 
@@ -221,6 +223,8 @@ def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
     eos = raw.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
     attention_bias = bool(raw.get("attention_bias", False))
+    if attention_bias and model_type != "llama":
+        raise ConfigError(f"attention_bias = true is not a {model_type} setting (transformers ignores it there)")
     try:
         return ModelConfig(
             model_type=model_type,

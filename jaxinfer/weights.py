@@ -117,7 +117,7 @@ def _tolerated_extra(name: str, config: ModelConfig) -> bool:
 
 def _weight_files(path: Path) -> list[Path]:
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+        raise FileNotFoundError(f"no checkpoint directory at {path}")
     if (path / SINGLE_FILE).exists():
         return [path / SINGLE_FILE]
     index = path / INDEX_FILE
@@ -194,22 +194,20 @@ def _load(path: Path, files: list[Path], handles: list[Any], config: ModelConfig
     specs = hf_tensor_specs(config)
     show = progress if progress is not None else sum(f.stat().st_size for f in files) > _PROGRESS_BYTES
     # Group HF tensors by destination so each stacked parameter is assembled in one host buffer.
-    groups: dict[tuple[str, bool], list[tuple[str, TensorSpec]]] = {}
+    groups: dict[str, list[tuple[str, TensorSpec]]] = {}
     for name, spec in specs.items():
-        groups.setdefault((spec.key, spec.layer is not None), []).append((name, spec))
+        groups.setdefault(spec.key, []).append((name, spec))
     params: dict[str, Any] = {"layers": {}}
     with tqdm(total=len(specs), desc=f"loading {path.name}", unit="tensor", disable=not show) as bar:
-        for (key, stacked), members in groups.items():
-            spec = members[0][1]
-            shape = spec.shape[::-1] if spec.transpose else spec.shape
+        for key, members in groups.items():
+            first = members[0][1]
+            stacked = first.layer is not None
+            shape = first.shape[::-1] if first.transpose else first.shape
             buf = np.empty((config.num_layers, *shape) if stacked else shape, dtype)
             for name, spec in members:
                 tensor = found[name][0].get_tensor(name)
-                # Assignment converts dtype and transposes in one copy.
-                if stacked:
-                    buf[spec.layer] = tensor.T if spec.transpose else tensor
-                else:
-                    buf[...] = tensor.T if spec.transpose else tensor
+                # One copy that converts dtype and transposes.
+                buf[spec.layer if stacked else ()] = tensor.T if spec.transpose else tensor
                 del tensor
                 bar.update(1)
             (params["layers"] if stacked else params)[key] = jax.device_put(buf)
@@ -217,46 +215,43 @@ def _load(path: Path, files: list[Path], handles: list[Any], config: ModelConfig
     return Model(config=config, params=params)
 
 
-# Random weights come from one fixed-size kernel, compiled once per dtype: tracing jax.random
-# for every parameter shape costs ~0.3 s of XLA compile per tensor, and one whole-tensor draw
-# would hold a float32 copy of the largest tensor (and is ~4x slower on CPU, out of cache).
-_RANDOM_CHUNK = 1 << 18
+def _hash32(x: jax.Array) -> jax.Array:
+    # "lowbias32" (Wellons): a uint32 bijection with good avalanche.
+    x = (x ^ (x >> 16)) * jnp.uint32(0x7FEB352D)
+    x = (x ^ (x >> 15)) * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _normal_chunk(key: jax.Array, std: float | jax.Array, dtype: np.dtype) -> jax.Array:
-    return (std * jax.random.normal(key, (_RANDOM_CHUNK,), jnp.float32)).astype(dtype)
+def _scaled_normal(seed: jax.Array, shape: tuple[int, ...], std: float, dtype: np.dtype) -> jax.Array:
+    """Counter-based normals: one elementwise fusion per tensor, written straight in `dtype`.
+
+    jax.random.normal per tensor costs ~0.2 s of XLA compile per parameter shape and holds a
+    float32 copy of the tensor (several GB at 8B scale); a hashed counter needs neither.
+    Counters are uint32, so tensors beyond 2**32 elements (none in PRESETS) would repeat.
+    """
+    counter = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+    bits = _hash32(_hash32(counter) + seed)  # hashing twice: seeds do not just shift one sequence
+    # 24 bits -> uniform in (-1, 1), endpoints excluded -> normal by the inverse CDF.
+    u = (bits >> 8).astype(jnp.float32) * 2.0**-23 + (2.0**-24 - 1.0)
+    return (std * math.sqrt(2.0) * jax.lax.erf_inv(u)).astype(dtype)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _put(buf: jax.Array, chunk: jax.Array, start: int | jax.Array) -> jax.Array:
-    return jax.lax.dynamic_update_slice(buf, chunk, (start,))
-
-
-def _scaled_normal(key: jax.Array, shape: tuple[int, ...], std: float, dtype: np.dtype) -> jax.Array:
-    n = math.prod(shape)
-    chunks = -(-n // _RANDOM_CHUNK)
-    if chunks == 1:
-        flat = _normal_chunk(key, std, dtype)
-    else:
-        flat = jnp.zeros((chunks * _RANDOM_CHUNK,), dtype)
-        for i in range(chunks):
-            flat = _put(flat, _normal_chunk(jax.random.fold_in(key, i), std, dtype), i * _RANDOM_CHUNK)
-    return (flat[:n] if flat.size != n else flat).reshape(shape)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _random_params(config: ModelConfig, dtype: np.dtype, key: jax.Array) -> dict[str, Any]:
+    leaves, treedef = jax.tree.flatten(param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
+    seeds = jax.random.bits(key, (len(leaves),), jnp.uint32)
+    stds = {"matrix": 0.02, "bias": 0.002}  # biases exercised but not dominant
+    out = [
+        jnp.ones(shape, dtype) if kind == "norm" else _scaled_normal(seeds[i], shape, stds[kind], dtype)
+        for i, (shape, kind) in enumerate(leaves)
+    ]
+    return jax.tree.unflatten(treedef, out)
 
 
 def dummy_model(config: ModelConfig, dtype: DTypeLike = "float32", seed: int = 0) -> Model:
-    """Random weights of the right shapes, generated on device: matrices normal with std 0.02,
-    biases std 0.002 (exercised but not dominant), norms one. Deterministic per seed."""
-    dtype = _as_dtype(dtype)
-    key = jax.random.key(seed)
-    leaves, treedef = jax.tree.flatten(param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
-    out = [
-        jnp.ones(shape, dtype) if kind == "norm"
-        else _scaled_normal(jax.random.fold_in(key, i), shape, 0.02 if kind == "matrix" else 0.002, dtype)
-        for i, (shape, kind) in enumerate(leaves)
-    ]
-    return Model(config=config, params=jax.tree.unflatten(treedef, out))
+    """Random weights of the right shapes, generated on device under jit: matrices normal with
+    std 0.02, biases std 0.002, norms one. Deterministic per seed."""
+    return Model(config=config, params=_random_params(config, _as_dtype(dtype), jax.random.key(seed)))
 
 
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
@@ -326,30 +321,34 @@ def save_model(model: Model, path: str | Path, max_shard_bytes: int | None = Non
     (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
 
     host = jax.device_get(model.params)
-    specs = hf_tensor_specs(config)
-    itemsize = np.dtype(model.dtype).itemsize
-    shards: list[list[str]] = [[]]
-    shard_bytes = 0
-    for name, spec in specs.items():
-        size = math.prod(spec.shape) * itemsize
-        if max_shard_bytes is not None and shards[-1] and shard_bytes + size > max_shard_bytes:
-            shards.append([])
-            shard_bytes = 0
-        shards[-1].append(name)
-        shard_bytes += size
 
     def hf_tensor(spec: TensorSpec) -> np.ndarray:
-        arr = host["layers"][spec.key][spec.layer] if spec.layer is not None else host[spec.key]
+        arr = host[spec.key] if spec.layer is None else host["layers"][spec.key][spec.layer]
         return np.ascontiguousarray(arr.T if spec.transpose else arr)
 
+    specs = hf_tensor_specs(config)
+    nbytes = {
+        n: math.prod(s.shape) * (host[s.key] if s.layer is None else host["layers"][s.key]).itemsize
+        for n, s in specs.items()
+    }
+    shards: list[list[str]] = [[]]
+    filled = 0
+    for name in specs:  # in HF order, so a shard holds consecutive layers
+        if max_shard_bytes is not None and shards[-1] and filled + nbytes[name] > max_shard_bytes:
+            shards.append([])
+            filled = 0
+        shards[-1].append(name)
+        filled += nbytes[name]
     if max_shard_bytes is None:
-        save_file({n: hf_tensor(specs[n]) for n in shards[0]}, str(path / SINGLE_FILE), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, names in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        files = [SINGLE_FILE]
+    else:
+        files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for file, names in zip(files, shards):
+        # "pt": transformers refuses safetensors files without a known format tag.
         save_file({n: hf_tensor(specs[n]) for n in names}, str(path / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(names, file))
-    total = sum(math.prod(s.shape) for s in specs.values()) * itemsize
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    if max_shard_bytes is not None:
+        index = {
+            "metadata": {"total_size": sum(nbytes.values())},
+            "weight_map": {n: file for file, names in zip(files, shards) for n in names},
+        }
+        (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

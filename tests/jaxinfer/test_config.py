@@ -74,6 +74,23 @@ def test_qwen2_sliding_window_raises():
         config_from_hf(raw)
 
 
+def test_attention_bias_only_for_llama():
+    for cls in (MistralConfig, Qwen2Config):
+        with pytest.raises(ConfigError, match="attention_bias"):
+            config_from_hf(hf_json(cls(**SMALL)) | {"attention_bias": True})
+    assert config_from_hf(hf_json(LlamaConfig(**SMALL, attention_bias=True))).o_bias
+
+
+def test_num_params_matches_transformers():
+    import torch
+    from transformers import LlamaForCausalLM, Qwen2ForCausalLM
+
+    for model in (LlamaForCausalLM(LlamaConfig(**SMALL, attention_bias=True, mlp_bias=True)),
+                  Qwen2ForCausalLM(Qwen2Config(**SMALL))):
+        cfg = config_from_hf(hf_json(model.config))
+        assert cfg.num_params() == sum(p.numel() for p in model.parameters()), cfg.model_type
+
+
 @pytest.mark.parametrize(
     "legacy",
     [

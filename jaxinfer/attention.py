@@ -5,14 +5,13 @@
 - "auto": the Pallas kernels on GPU, the references elsewhere (kernels land with the
   attention-kernels issue; until then "auto" means "reference" everywhere).
 The model code calls only these two functions, so swapping kernels never touches it.
+`pallas_kernels` is imported where it is used: it takes its dimension names from
+`jaxinfer.dims`, so a module-level import here would be circular.
 """
 
 from __future__ import annotations
 
 from jaxtyping import Array, Float, Int
-
-from pallas_kernels.flash_attention import flash_attention_reference
-from pallas_kernels.paged_attention import paged_attention_reference
 
 BACKENDS = ("auto", "reference")
 
@@ -33,6 +32,8 @@ def prefill_attention(
 ) -> Float[Array, "batch seq q_heads head_dim"]:
     """Causal self-attention over each row's first `lengths` tokens; padded rows give zeros."""
     _check_backend(backend)
+    from pallas_kernels.flash_attention import flash_attention_reference
+
     return flash_attention_reference(q, k, v, lengths=lengths, causal=True, sliding_window=sliding_window)
 
 
@@ -48,6 +49,8 @@ def decode_attention(
 ) -> Float[Array, "slots q_heads head_dim"]:
     """One query per slot against that slot's pages; `lengths` counts the query's own token."""
     _check_backend(backend)
+    from pallas_kernels.paged_attention import paged_attention_reference
+
     return paged_attention_reference(
         q, k_pages, v_pages, page_table, lengths, sliding_window=sliding_window
     )

@@ -9,12 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-# Dimension names are jaxinfer/dims.py's vocabulary, spelled out rather than imported: jaxinfer
-# imports this package, so importing jaxinfer.dims here (which runs jaxinfer/__init__) would
-# close an import cycle. A test checks every name used here is in that vocabulary.
-Queries = Float[Array, "batch seq q_heads head_dim"]
-KeysValues = Float[Array, "batch seq kv_heads head_dim"]
-Lengths = Int[Array, "batch"]
+from jaxinfer.dims import KeysValues, Lengths, Queries
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 

@@ -11,12 +11,7 @@ from pallas_kernels.flash_attention import (
     masked_softmax,
 )
 
-# jaxinfer/dims.py's names, spelled out to keep this package free of jaxinfer imports
-# (see flash_attention.py).
-DecodeQueries = Float[Array, "slots q_heads head_dim"]
-LayerPages = Float[Array, "pages page_size kv_heads head_dim"]
-PageTable = Int[Array, "slots pages_per_seq"]
-SlotInts = Int[Array, "slots"]
+from jaxinfer.dims import DecodeQueries, LayerPages, PageTable, SlotInts
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 

@@ -42,7 +42,10 @@ def _engine(model, **kw):
 
 def test_greedy_equals_hf_with_fewer_slots_than_requests(llama):
     hf, model = llama
-    prompts = _prompts(9, model.config.vocab_size)  # 9 requests, 3 slots: evict + insert
+    rng = np.random.default_rng(0)
+    # 9 requests of distinct lengths (page size 4: below, at and across page boundaries) on 3
+    # slots, so slots are evicted and refilled.
+    prompts = [rng.integers(3, model.config.vocab_size, n).tolist() for n in (1, 3, 4, 5, 8, 9, 13, 17, 29)]
     engine = _engine(model)
     outs = engine.generate(prompts, GREEDY)
     for p, o in zip(prompts, outs):

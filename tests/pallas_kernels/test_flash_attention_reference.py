@@ -144,8 +144,8 @@ def test_lengths_none_matches_oracle_and_jax(seed, causal, window):
 
 
 def test_annotations_use_the_dims_vocabulary():
-    # pallas_kernels spells jaxinfer/dims.py's names out (importing jaxinfer from it would be
-    # cyclic); make sure they never drift from that vocabulary.
+    # Every shape annotation in pallas_kernels (private helpers included) must use
+    # jaxinfer/dims.py's dimension vocabulary.
     import pallas_kernels.flash_attention as fa
     import pallas_kernels.paged_attention as pa
     from jaxinfer import dims

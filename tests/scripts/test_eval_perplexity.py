@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "eval_perplexity.py"
 def _load_script():
     spec = importlib.util.spec_from_file_location("eval_perplexity", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -1,7 +1,15 @@
-"""Decode attention over a paged KV pool: the plain-jnp reference (CPU path, GPU-kernel oracle)."""
+"""Decode attention over a paged KV pool: the plain-jnp reference (CPU path, GPU-kernel oracle)
+and a Pallas Mosaic GPU (Hopper, sm_90) kernel, `paged_attention`."""
+
+import dataclasses
+import math
+from typing import Any
 
 import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
+from jax import lax
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels.flash_attention import (
@@ -113,3 +121,328 @@ def _check_shapes(
             f"page_table must have shape [slots={q_shape[0]}, pages_per_seq], got {table_shape}")
     if lengths_shape != q_shape[:1]:
         raise ValueError(f"lengths must have shape [slots] = {q_shape[:1]}, got {lengths_shape}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Mosaic GPU decode kernel (Hopper: TMA page copies, wgmma on SMEM operands).
+#
+# Grid: (kv_heads, num_splits, slots). One CTA (one warpgroup) owns one KV head of one slot and
+# one contiguous range of that slot's KV blocks (a block is `block_kv` tokens = block_kv /
+# page_size pages). Its q rows are the group's q heads, zero-padded to the wgmma M of 64 by
+# the wrapper. Per block:
+#   TMA each page's [page_size, head_dim] K/V tile into SMEM (prefetching num_buffers - 1
+#   blocks ahead), S = Q @ K^T (wgmma, K transposed in SMEM), mask t >= length to -inf,
+#   online softmax in base 2, P staged through SMEM in q's dtype, O_blk = P @ V (wgmma), O =
+#   O * alpha + O_blk. V rows past the length are zeroed in SMEM first (only in the partial
+#   last block), so NaN garbage past a slot's length can never reach the output.
+# Each CTA writes its normalised partial output (the group's rows only) and its base-2
+# log-sum-exp; a small jnp epilogue combines the splits.
+# ---------------------------------------------------------------------------------------------
+
+_WGMMA_M = 64  # wgmma tile height: the group's q heads are padded up to this many rows
+_SUPPORTED_HEAD_DIMS = (64, 128)
+_SUPPORTED_PAGE_SIZES = (16, 32, 64)
+_SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_LOG2E = math.log2(math.e)
+_NUM_SMS = 132  # H100 SXM; only used by the default num_splits heuristic
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningConfig:
+    """Static knobs of the Mosaic GPU decode kernel (a jit static argument: hashable).
+
+    block_kv:    tokens per inner step (one S = Q K^T and one P V wgmma each); a multiple of
+                 64 (wgmma/swizzle granularity) and of the page size (whole pages per step).
+    num_splits:  CTAs sharing one (slot, kv head) along the pages; partial results are
+                 combined with their log-sum-exp. None: a heuristic that fills ~132 SMs.
+    num_buffers: SMEM K/V buffers per CTA; the kernel prefetches num_buffers - 1 blocks
+                 ahead of the one it computes on (1: no overlap of copy and compute).
+    """
+
+    block_kv: int = 64
+    num_splits: int | None = None
+    num_buffers: int = 2
+
+    def __post_init__(self):
+        if self.block_kv <= 0 or self.block_kv % 64:
+            raise ValueError(f"TuningConfig.block_kv must be a positive multiple of 64, got {self.block_kv}")
+        if self.num_splits is not None and self.num_splits < 1:
+            raise ValueError(f"TuningConfig.num_splits must be None or >= 1, got {self.num_splits}")
+        if self.num_buffers < 1:
+            raise ValueError(f"TuningConfig.num_buffers must be >= 1, got {self.num_buffers}")
+
+
+def _default_num_splits(slots: int, kv_heads: int, max_blocks: int) -> int:
+    """Enough splits to give every SM a CTA, but at least two blocks per split."""
+    want = max(1, -(-_NUM_SMS // max(1, slots * kv_heads)))
+    return max(1, min(want, max_blocks // 2))
+
+
+def _interpret_params(interpret):
+    if interpret is False or interpret is None:
+        return None
+    if interpret is True:
+        try:  # JAX 0.10.2 does not export it from plgpu.
+            from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+        except ImportError:  # pragma: no cover - later JAX versions
+            InterpretGPUParams = plgpu.InterpretGPUParams  # noqa: N806
+        return InterpretGPUParams()
+    return interpret  # an InterpretGPUParams instance (e.g. detect_races=True)
+
+
+def _row_iota(shape, dim, interpret: bool):
+    """int32 iota in the wgmma accumulator layout (the interpreter has no layouts)."""
+    if interpret:
+        return lax.broadcasted_iota(jnp.int32, shape, dim)
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+
+def _with_layout(x, layout, interpret: bool):
+    return x if interpret else plgpu.layout_cast(x, layout)
+
+
+def _paged_decode_kernel_call(
+    q_pad, k_pages, v_pages, table, lengths, *,
+    group: int, block_kv: int, num_splits: int, num_buffers: int, scale: float, interpret,
+):
+    """Runs the kernel. q_pad [slots, kv_heads, 64, head_dim]; table already clamped and
+    padded to whole blocks; lengths already clipped to the table. Returns the partial outputs
+    f32 [slots, kv_heads, num_splits, group, head_dim] and base-2 log-sum-exps f32
+    [slots, kv_heads, num_splits, 64] (rows >= group are padding)."""
+    slots, kv_heads, rows, head_dim = q_pad.shape
+    _, page_size, _, _ = k_pages.shape
+    dtype = q_pad.dtype
+    pages_per_block = block_kv // page_size
+    is_interp = interpret is not None
+    scale_log2 = scale * _LOG2E
+
+    def body(table_ref, len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
+             q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_bar, k_bars, v_bars):
+        kvh = lax.axis_index("kv_head")
+        split = lax.axis_index("split")
+        slot = lax.axis_index("slot")
+        length = len_ref[slot]
+        num_blocks = lax.div(length + (block_kv - 1), jnp.int32(block_kv))
+        per_split = lax.div(num_blocks + (num_splits - 1), jnp.int32(num_splits))
+        start = jnp.minimum(split * per_split, num_blocks)
+        end = jnp.minimum(start + per_split, num_blocks)
+
+        def issue(blk, buf):
+            for j in range(pages_per_block):
+                page = table_ref[slot, blk * pages_per_block + j]
+                rows_j = pl.ds(j * page_size, page_size)
+                bar = buf * pages_per_block + j
+                plgpu.copy_gmem_to_smem(k_ref.at[page, :, kvh], k_smem.at[buf, rows_j], k_bars.at[bar])
+                plgpu.copy_gmem_to_smem(v_ref.at[page, :, kvh], v_smem.at[buf, rows_j], v_bars.at[bar])
+
+        @pl.when(start < end)
+        def _prologue():
+            plgpu.copy_gmem_to_smem(q_ref.at[slot, kvh], q_smem, q_bar)
+            for b in range(num_buffers - 1):
+                @pl.when(start + b < end)
+                def _():
+                    issue(start + b, jnp.int32(b))
+            plgpu.barrier_wait(q_bar)
+
+        def step(i, carry):
+            acc, m_i, l_i = carry
+            buf = lax.rem(i - start, jnp.int32(num_buffers))
+            ahead = i + (num_buffers - 1)
+
+            @pl.when(ahead < end)
+            def _prefetch():
+                issue(ahead, lax.rem(ahead - start, jnp.int32(num_buffers)))
+
+            for j in range(pages_per_block):
+                plgpu.barrier_wait(k_bars.at[buf * pages_per_block + j])
+
+            def qk(acc_ref):
+                plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[buf], (1, 0)))
+                return acc_ref[...]
+
+            s = pl.run_scoped(qk, plgpu.ACC((rows, block_kv), jnp.float32))
+            cols = _row_iota((rows, block_kv), 1, is_interp) + i * block_kv
+            s = jnp.where(cols < length, s * scale_log2, -jnp.inf)
+            m_new = jnp.maximum(m_i, s.max(axis=1))
+            alpha = jnp.exp2(m_i - m_new)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            l_i = l_i * alpha + p.sum(axis=1)
+            p_smem[...] = p.astype(dtype)
+
+            for j in range(pages_per_block):
+                plgpu.barrier_wait(v_bars.at[buf * pages_per_block + j])
+
+            @pl.when((i + 1) * block_kv > length)
+            def _zero_v_tail():  # NaN-safe: p is 0 there, but 0 * NaN is not
+                v = v_smem[buf]
+                r = _row_iota((block_kv, head_dim), 0, is_interp) + i * block_kv
+                v_smem[buf] = jnp.where(r < length, v, jnp.zeros_like(v))
+
+            plgpu.commit_smem()
+
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, p_smem, v_smem.at[buf])
+                return acc_ref[...]
+
+            o_blk = pl.run_scoped(pv, plgpu.ACC((rows, head_dim), jnp.float32))
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + o_blk
+            return acc, m_new, l_i
+
+        acc0 = _with_layout(jnp.zeros((rows, head_dim), jnp.float32), plgpu.Layout.WGMMA, is_interp)
+        m0 = _with_layout(jnp.full((rows,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1), is_interp)
+        l0 = _with_layout(jnp.zeros((rows,), jnp.float32), plgpu.Layout.WGMMA.reduce(1), is_interp)
+        acc, m_i, l_i = lax.fori_loop(start, end, step, (acc0, m0, l0))
+
+        has = l_i > 0  # false only for CTAs without work: output 0, lse -inf
+        inv_l = jnp.where(has, 1.0 / jnp.where(has, l_i, 1.0), 0.0)
+        o_smem[...] = acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])
+        lse_smem[...] = jnp.where(has, m_i + jnp.log2(jnp.where(has, l_i, 1.0)), -jnp.inf)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, group)], o_ref.at[slot, kvh, split])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[slot, kvh, split])
+        plgpu.wait_smem_to_gmem(0)
+
+    swizzled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+    kv_tile = (num_buffers, block_kv, head_dim)
+    call = plgpu.kernel(
+        body,
+        out_type=(
+            jax.ShapeDtypeStruct((slots, kv_heads, num_splits, group, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((slots, kv_heads, num_splits, rows), jnp.float32),
+        ),
+        scratch_types=(
+            plgpu.SMEM((rows, head_dim), dtype, **swizzled),
+            plgpu.SMEM(kv_tile, dtype, **swizzled),
+            plgpu.SMEM(kv_tile, dtype, **swizzled),
+            plgpu.SMEM((rows, block_kv), dtype, **swizzled),
+            plgpu.SMEM((rows, head_dim), jnp.float32),
+            plgpu.SMEM((rows,), jnp.float32),
+            plgpu.Barrier(num_barriers=1),
+            plgpu.Barrier(num_barriers=num_buffers * pages_per_block),
+            plgpu.Barrier(num_barriers=num_buffers * pages_per_block),
+        ),
+        grid=(kv_heads, num_splits, slots),
+        grid_names=("kv_head", "split", "slot"),
+        interpret=interpret,
+    )
+    return call(table, lengths, q_pad, k_pages, v_pages)
+
+
+def _combine_splits(o_part, lse_part, group: int):
+    """[slots, kv_heads, splits, group, d] partials + base-2 lse -> [slots, kv_heads, group, d]."""
+    if o_part.shape[2] == 1:
+        return o_part[:, :, 0]
+    lse = lse_part[..., :group]  # [slots, kv_heads, splits, group]
+    top = lse.max(axis=2, keepdims=True)
+    w = jnp.exp2(lse - jnp.where(jnp.isfinite(top), top, 0.0))  # empty splits: exp2(-inf) = 0
+    den = w.sum(axis=2)
+    num = (w[..., None] * o_part).sum(axis=2)
+    return num / jnp.where(den > 0, den, 1.0)[..., None]
+
+
+def _paged_attention_kernel(q, k_pages, v_pages, page_table, lengths, *, scale, config, interpret):
+    slots, q_heads, head_dim = q.shape
+    num_pages, page_size, kv_heads, _ = k_pages.shape
+    group = q_heads // kv_heads
+    block_kv = config.block_kv
+    pages_per_block = block_kv // page_size
+    pages_per_seq = page_table.shape[1]
+    num_blocks = -(-pages_per_seq // pages_per_block)
+    num_splits = config.num_splits or _default_num_splits(slots, kv_heads, num_blocks)
+
+    q_pad = q.reshape(slots, kv_heads, group, head_dim)
+    q_pad = jnp.pad(q_pad, ((0, 0), (0, 0), (0, _WGMMA_M - group), (0, 0)))
+    table = jnp.clip(page_table.astype(jnp.int32), 0, num_pages - 1)
+    table = jnp.pad(table, ((0, 0), (0, num_blocks * pages_per_block - pages_per_seq)))
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, pages_per_seq * page_size)
+    o_part, lse_part = _paged_decode_kernel_call(
+        q_pad, k_pages, v_pages, table, lengths,
+        group=group, block_kv=block_kv, num_splits=num_splits,
+        num_buffers=config.num_buffers, scale=scale, interpret=interpret)
+    out = _combine_splits(o_part, lse_part, group)
+    return out.reshape(slots, q_heads, head_dim).astype(q.dtype)
+
+
+_paged_attention_kernel_jit = jax.jit(
+    _paged_attention_kernel, static_argnames=("scale", "config", "interpret"))
+
+
+def check_paged_attention_kernel_inputs(q, k_pages, v_pages, page_table, lengths, *,
+                                        sliding_window=None, config=None) -> TuningConfig:
+    """Raises (ValueError / NotImplementedError) for inputs the kernel does not support;
+    returns the effective TuningConfig. Works on arrays, tracers and ShapeDtypeStructs."""
+    if sliding_window is not None:
+        raise NotImplementedError(
+            "paged_attention (Mosaic GPU kernel) does not implement sliding_window yet; "
+            "use paged_attention_reference for sliding-window layers")
+    _require_int("page_table", page_table.dtype)
+    _require_int("lengths", lengths.dtype)
+    _check_shapes(q.shape, k_pages.shape, v_pages.shape, page_table.shape, lengths.shape)
+    dts = {jnp.dtype(x.dtype) for x in (q, k_pages, v_pages)}
+    if len(dts) != 1 or next(iter(dts)) not in _SUPPORTED_DTYPES:
+        raise ValueError(
+            "paged_attention kernel needs q, k_pages and v_pages all bfloat16 or all float16, got "
+            f"{jnp.dtype(q.dtype)}, {jnp.dtype(k_pages.dtype)}, {jnp.dtype(v_pages.dtype)}")
+    head_dim = q.shape[-1]
+    if head_dim not in _SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"paged_attention kernel supports head_dim in {_SUPPORTED_HEAD_DIMS}, got {head_dim}")
+    page_size = k_pages.shape[1]
+    if page_size not in _SUPPORTED_PAGE_SIZES:
+        raise ValueError(f"paged_attention kernel supports page_size in {_SUPPORTED_PAGE_SIZES}, got {page_size}")
+    group = q.shape[1] // k_pages.shape[2]
+    if group > _WGMMA_M:
+        raise ValueError(f"paged_attention kernel supports q_heads // kv_heads <= {_WGMMA_M}, got {group}")
+    config = TuningConfig() if config is None else config
+    if not isinstance(config, TuningConfig):
+        raise ValueError(f"config must be a TuningConfig or None, got {type(config).__name__}")
+    if config.block_kv % page_size:
+        raise ValueError(f"TuningConfig.block_kv ({config.block_kv}) must be a multiple of page_size ({page_size})")
+    if q.shape[0] == 0:
+        raise ValueError("paged_attention kernel needs at least one slot")
+    smem = _smem_bytes(config, head_dim, jnp.dtype(q.dtype).itemsize, page_size)
+    if smem > _MAX_SMEM_BYTES:
+        raise ValueError(
+            f"TuningConfig {config} needs {smem} bytes of shared memory at head_dim {head_dim}, "
+            f"over the sm_90 limit of {_MAX_SMEM_BYTES}: lower block_kv or num_buffers")
+    return config
+
+
+_MAX_SMEM_BYTES = 227 * 1024  # sm_90 opt-in shared memory per block
+
+
+def _smem_bytes(config: TuningConfig, head_dim: int, itemsize: int, page_size: int) -> int:
+    """Shared memory of one CTA (the scratch_types of _paged_decode_kernel_call), roughly."""
+    rows, kv = _WGMMA_M, config.block_kv
+    tiles = (rows * head_dim + 2 * config.num_buffers * kv * head_dim + rows * kv) * itemsize
+    barriers = 8 * (1 + 2 * config.num_buffers * (kv // page_size))
+    return tiles + 4 * (rows * head_dim + rows) + barriers + 4096  # + alignment slack (measured: ~2 KiB under at 260 KiB)
+
+
+def paged_attention(
+    q: DecodeQueries,
+    k_pages: LayerPages,
+    v_pages: LayerPages,
+    page_table: PageTable,
+    lengths: SlotInts,
+    *,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+    config: TuningConfig | None = None,
+    interpret: Any = False,  # bool, or an InterpretGPUParams (e.g. detect_races=True)
+) -> DecodeQueries:
+    """Mosaic GPU (sm_90) paged decode attention; same semantics as paged_attention_reference.
+
+    Same layout and masking rules as `paged_attention_reference` (q [slots, q_heads, head_dim],
+    k/v pages [pages, page_size, kv_heads, head_dim], int page_table [slots, pages_per_seq],
+    int lengths [slots] including the query token; length 0 -> 0). bf16/fp16 inputs, f32
+    scores/softmax/accumulation, q's dtype out. head_dim 64/128, page_size 16/32/64,
+    q_heads // kv_heads <= 64. `sliding_window` raises NotImplementedError. `interpret=True`
+    runs the GPU interpreter on CPU (tests; on JAX 0.10.2 it needs the wgmma-transpose patch
+    in tests/pallas_kernels/test_paged_attention_kernel.py). Jitted inside; callable under jit.
+    """
+    config = check_paged_attention_kernel_inputs(
+        q, k_pages, v_pages, page_table, lengths, sliding_window=sliding_window, config=config)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    return _paged_attention_kernel_jit(q, k_pages, v_pages, page_table, lengths,
+                                       scale=scale, config=config,
+                                       interpret=_interpret_params(interpret))

@@ -1,0 +1,280 @@
+"""The Mosaic GPU paged-attention decode kernel, on CPU.
+
+Two checks per configuration, neither needing a GPU:
+  * GPU interpret mode (numerics): `paged_attention(..., interpret=True)` against
+    `paged_attention_reference` run in float32 on the same (bf16/fp16-rounded) inputs.
+  * CUDA sm_90 cross-lowering (hardware constraints the interpreter ignores: wgmma tile
+    shapes, swizzles, layouts): `jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))`.
+
+Inputs are fresh random draws each run; every failure message carries the seed. Re-run a
+failure with PALLAS_TEST_SEED=<seed>. Every page a slot does not own (the null page 0
+included) and every position past a slot's length is NaN, page tables are random
+permutations of the pool, and table entries past a slot's length point at random pages, so
+each test also checks that nothing unowned leaks into the output.
+
+Tolerances (kernel output in q's dtype vs the float32 reference on the same rounded inputs):
+scores, softmax and both matmul accumulations are float32, but P is rounded to the input
+dtype before the P @ V wgmma (unit roundoff u = 2^-9 bf16, 2^-11 fp16), which perturbs an
+output by at most u * sum_t p_t |v_t| <= u * max|v| (~u * 4.5 with std-1 values), and the
+result is rounded to the input dtype (<= u relative). Hence atol ~ 4.5u (+ margin) and
+rtol 2u: bf16 atol 1e-2 / rtol 2^-8, fp16 atol 2.5e-3 / rtol 2^-10.
+
+JAX 0.10.2's GPU interpreter cannot run `wgmma` with a `transpose_ref` operand (the kernel's
+S = Q @ K^T); `_patch_interpreter_wgmma_transpose` below teaches it that, test-only.
+"""
+
+import inspect
+import os
+import secrets
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.paged_attention import (
+    TuningConfig,
+    check_paged_attention_kernel_inputs,
+    paged_attention,
+    paged_attention_reference,
+)
+
+TOL = {jnp.bfloat16: dict(rtol=2**-8, atol=1e-2), jnp.float16: dict(rtol=2**-10, atol=2.5e-3)}
+
+reference = jax.jit(paged_attention_reference, static_argnames=("sliding_window", "scale"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Test-only patch of the JAX 0.10.2 GPU interpreter: wgmma with a trailing transpose_ref on an
+# operand. The interpreter's wgmma callback turns operand transforms into index ranges and
+# rejects TransposeTransform; this copy of it transposes the operand it read instead.
+# Applied only when the installed callback does not already mention transposes; remove once
+# the JAX pinned here handles it.
+# ---------------------------------------------------------------------------------------------
+def _patch_interpreter_wgmma_transpose():
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks as gcb
+    from jax._src.state.types import TransposeTransform
+
+    if getattr(gcb.wgmma, "_jaxinfer_patched", False) or "ranspose" in inspect.getsource(gcb.wgmma):
+        return
+
+    def split_transpose(transforms):
+        transforms = tuple(gcb._remove_noop_transforms(transforms))
+        if transforms and isinstance(transforms[-1], TransposeTransform):
+            return transforms[:-1], transforms[-1].permutation
+        assert not any(isinstance(t, TransposeTransform) for t in transforms), transforms
+        return transforms, None
+
+    def wgmma(*, token, device_id, grid_point_coords, thread_id, acc_allocation_key_as_array,
+              acc_transforms, acc_dtype, a_allocation_key_as_array, a_transforms,
+              b_allocation_key_as_array, b_transforms, source_info=None):
+        transforms, perms = zip(*(split_transpose(t) for t in (acc_transforms, a_transforms, b_transforms)))
+        assert perms[0] is None, "transposed accumulator"
+        keys = [gcb.HostAllocationKey.from_array(k) for k in
+                (acc_allocation_key_as_array, a_allocation_key_as_array, b_allocation_key_as_array)]
+        ranges = [gcb.interpret_utils.to_range(jax.tree.map(int, t)) for t in transforms]
+        shm = gcb._get_shared_memory()
+        gtid = shm.get_global_thread_id(int(device_id), int(thread_id))
+        info = gcb.interpret_utils.GPULoggingInfo(
+            device_id=int(device_id), grid_point_coords=tuple(int(x) for x in grid_point_coords),
+            thread_id=int(thread_id), source_info=source_info)
+        acc, a, b = (shm.get_buffer_content(k, r, gtid, logging_info=info)[0] for k, r in zip(keys, ranges))
+        a, b = (x if p is None else np.transpose(x, p) for x, p in zip((a, b), perms[1:]))
+        shm.store_buffer_content(keys[0], ranges[0], acc + np.matmul(a, b, dtype=acc_dtype), gtid,
+                                 logging_info=info)
+        return token
+
+    wgmma._jaxinfer_patched = True
+    gcb.wgmma = wgmma
+
+
+_patch_interpreter_wgmma_transpose()
+
+
+def reset_interpreter():
+    from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import reset_gpu_interpret_mode_state
+
+    reset_gpu_interpret_mode_state()
+
+
+@pytest.fixture
+def seed() -> int:
+    return int(os.environ.get("PALLAS_TEST_SEED") or secrets.randbits(32))
+
+
+def build_pool(rng, lengths, page_size, pages_per_seq, kv_heads, head_dim, spare_pages=3):
+    """A NaN pool (null page 0 and spares included) whose slot-owned positions hold std-1 K/V.
+
+    Each slot gets distinct pages in random pool order; table entries past its length point
+    at random pages (null, spare, or another slot's). Returns float32 k, v and int32 table.
+    """
+    needed = [-(-int(n) // page_size) for n in lengths]
+    num_pages = 1 + sum(needed) + spare_pages
+    shape = (num_pages, page_size, kv_heads, head_dim)
+    k, v = np.full(shape, np.nan, np.float32), np.full(shape, np.nan, np.float32)
+    table = rng.integers(0, num_pages, (len(lengths), pages_per_seq)).astype(np.int32)
+    free = iter(rng.permutation(np.arange(1, num_pages)))
+    for s, n in enumerate(lengths):
+        table[s, : needed[s]] = [next(free) for _ in range(needed[s])]
+        t = np.arange(n)
+        k[table[s, t // page_size], t % page_size] = 1.5 * rng.standard_normal((n, kv_heads, head_dim))
+        v[table[s, t // page_size], t % page_size] = rng.standard_normal((n, kv_heads, head_dim))
+    return k, v, table
+
+
+def run_kernel(*args, **kwargs):
+    try:
+        return jax.block_until_ready(paged_attention(*args, interpret=True, **kwargs))
+    except BaseException:
+        reset_interpreter()  # a failed interpreted kernel leaves the simulated GPU dirty
+        raise
+
+
+def run_case(seed, lengths, *, page_size, pages_per_seq, q_heads, kv_heads, head_dim,
+             dtype=jnp.bfloat16, config=None, scale=None):
+    rng = np.random.default_rng(seed)
+    lengths = np.asarray(lengths, np.int32)
+    k, v, table = build_pool(rng, lengths, page_size, pages_per_seq, kv_heads, head_dim)
+    q = jnp.asarray(1.5 * rng.standard_normal((len(lengths), q_heads, head_dim)), dtype)
+    k, v = jnp.asarray(k, dtype), jnp.asarray(v, dtype)
+    table_d, lengths_d = jnp.asarray(table), jnp.asarray(lengths)
+    out = run_kernel(q, k, v, table_d, lengths_d, config=config, scale=scale)
+    expected = reference(*(x.astype(jnp.float32) for x in (q, k, v)), table_d, lengths_d, scale=scale)
+    msg = (f"seed={seed} lengths={lengths.tolist()} page_size={page_size} q_heads={q_heads} "
+           f"kv_heads={kv_heads} head_dim={head_dim} dtype={jnp.dtype(dtype).name} config={config}")
+    assert out.dtype == dtype and out.shape == q.shape, msg
+    out = np.asarray(out, np.float32)
+    assert np.isfinite(out).all(), f"non-finite output: {msg}"
+    assert (out[lengths == 0] == 0).all(), f"length-0 slots must be exactly 0: {msg}"
+    np.testing.assert_allclose(out, np.asarray(expected), **TOL[dtype], err_msg=msg)
+
+
+def boundary_lengths(page_size):
+    """1, page boundary -1/0/+1 (the second page), a non-multiple past a 64-token block, 0."""
+    return [1, 2 * page_size - 1, 2 * page_size, 2 * page_size + 1, 64 + page_size // 2 + 3, 0]
+
+
+# --- interpret mode: numerics ----------------------------------------------------------------
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4, 8])  # GQA ratio q_heads // kv_heads
+@pytest.mark.parametrize("page_size", [16, 32, 64])
+def test_page_size_gqa_head_dim_sweep(seed, page_size, group, head_dim):
+    run_case(seed, boundary_lengths(page_size), page_size=page_size, pages_per_seq=160 // page_size + 1,
+             q_heads=2 * group, kv_heads=2, head_dim=head_dim, config=TuningConfig(num_splits=1))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("config", [
+    TuningConfig(num_splits=1, num_buffers=1),
+    TuningConfig(num_splits=1, num_buffers=3),
+    TuningConfig(num_splits=3),                  # uneven: 10 blocks over 3 splits
+    TuningConfig(block_kv=128, num_splits=4),    # 5 blocks over 4 splits: one split is empty
+    None,                                         # default: heuristic splits, 2 buffers
+])
+def test_many_pages_splits_and_buffers(seed, config):
+    rng = np.random.default_rng(seed)
+    lengths = [640, int(rng.integers(300, 640)), 16 * int(rng.integers(1, 40)) + 1, 0]
+    run_case(seed, lengths, page_size=16, pages_per_seq=40, q_heads=4, kv_heads=1, head_dim=128,
+             config=config)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_random_lengths_and_dtypes(seed, dtype):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, 32 * 6 + 1, 5)
+    run_case(seed, lengths, page_size=32, pages_per_seq=6, q_heads=8, kv_heads=2, head_dim=64,
+             dtype=dtype, config=TuningConfig(num_splits=2), scale=0.1)
+
+
+@pytest.mark.timeout(120)
+def test_all_slots_inactive_and_under_outer_jit(seed):
+    rng = np.random.default_rng(seed)
+    lengths = np.zeros(3, np.int32)
+    k, v, table = build_pool(rng, lengths, 16, 4, 2, 64)
+    q = jnp.asarray(rng.standard_normal((3, 8, 64)), jnp.bfloat16)
+    k, v = jnp.asarray(k, jnp.bfloat16), jnp.asarray(v, jnp.bfloat16)
+    f = jax.jit(lambda *a: paged_attention(*a, interpret=True))
+    try:
+        out = f(q, k, v, jnp.asarray(table), jnp.asarray(lengths))
+    except BaseException:
+        reset_interpreter()
+        raise
+    assert (np.asarray(out, np.float32) == 0).all(), f"seed={seed}"
+
+
+# --- validation --------------------------------------------------------------------------------
+
+def _shapes(slots=2, q_heads=8, kv_heads=2, head_dim=64, pages=8, page_size=16, pages_per_seq=4,
+            dtype=jnp.bfloat16, table_dtype=jnp.int32):
+    s = jax.ShapeDtypeStruct
+    return (s((slots, q_heads, head_dim), dtype), s((pages, page_size, kv_heads, head_dim), dtype),
+            s((pages, page_size, kv_heads, head_dim), dtype), s((slots, pages_per_seq), table_dtype),
+            s((slots,), jnp.int32))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(head_dim=96), "head_dim"),
+    (dict(head_dim=256), "head_dim"),
+    (dict(page_size=8), "page_size"),
+    (dict(page_size=128), "page_size"),
+    (dict(dtype=jnp.float32), "bfloat16 or all float16"),
+    (dict(table_dtype=jnp.float32), "page_table"),
+    (dict(q_heads=6, kv_heads=4), "multiple of kv_heads"),
+    (dict(q_heads=128, kv_heads=1), "q_heads // kv_heads"),
+])
+def test_rejects_unsupported_inputs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        check_paged_attention_kernel_inputs(*_shapes(**kwargs))
+
+
+def test_rejects_sliding_window_and_bad_configs():
+    with pytest.raises(NotImplementedError, match="sliding_window"):
+        check_paged_attention_kernel_inputs(*_shapes(), sliding_window=128)
+    with pytest.raises(NotImplementedError, match="sliding_window"):
+        paged_attention(*(jnp.zeros(a.shape, a.dtype) for a in _shapes()), sliding_window=4)
+    for bad in (dict(block_kv=96), dict(block_kv=0), dict(num_splits=0), dict(num_buffers=0)):
+        with pytest.raises(ValueError, match="TuningConfig"):
+            TuningConfig(**bad)
+    with pytest.raises(ValueError, match="config"):
+        check_paged_attention_kernel_inputs(*_shapes(), config={"block_kv": 64})
+    with pytest.raises(ValueError, match="shared memory"):  # 3 x 2 x 256 x 128 x 2 B of K/V
+        check_paged_attention_kernel_inputs(*_shapes(head_dim=128), config=TuningConfig(block_kv=256, num_buffers=3))
+
+
+# --- CUDA sm_90 cross-lowering (the configurations the runtime would use) -----------------------
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("config", [None, TuningConfig(num_splits=1), TuningConfig(block_kv=128, num_buffers=2)])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_lowers_for_cuda_sm90(head_dim, group, config):
+    args = _shapes(slots=8, q_heads=4 * group, kv_heads=4, head_dim=head_dim, pages=257, page_size=16,
+                   pages_per_seq=32)
+    f = jax.jit(lambda *a: paged_attention(*a, config=config))
+    text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+@pytest.mark.timeout(120)
+def test_no_smem_races(seed):
+    """The interpreter's race detector: TMA writes, barrier waits, the V-tail zeroing and the
+    P/O staging through SMEM are ordered (prefetching 2 blocks ahead, two splits)."""
+    from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    rng = np.random.default_rng(seed)
+    lengths = np.array([int(rng.integers(130, 192)), int(rng.integers(1, 64)), 0], np.int32)
+    k, v, table = build_pool(rng, lengths, 16, 12, 1, 64)
+    q = jnp.asarray(rng.standard_normal((3, 4, 64)), jnp.bfloat16)
+    try:
+        jax.block_until_ready(paged_attention(
+            q, jnp.asarray(k, jnp.bfloat16), jnp.asarray(v, jnp.bfloat16), jnp.asarray(table),
+            jnp.asarray(lengths), config=TuningConfig(num_splits=2, num_buffers=3),
+            interpret=InterpretGPUParams(detect_races=True)))
+    except BaseException:
+        reset_interpreter()
+        raise
+    assert not get_races().races_found, f"seed={seed} lengths={lengths.tolist()}"

@@ -1,9 +1,12 @@
 """One attention interface for the runtime; the implementations live in `pallas_kernels/`.
 
-`backend` is a static string:
-- "reference": the plain-jnp references (the CPU path, and the oracles for the kernels);
-- "auto": the Pallas kernels on GPU, the references elsewhere (kernels land with the
-  attention-kernels issue; until then "auto" means "reference" everywhere).
+`backend` is a static string (EngineConfig.attention_backend):
+- "auto": the Pallas Mosaic GPU kernels on a Hopper GPU (sm_90) when the inputs are ones they
+  support (bf16/fp16, head_dim 64/128, no sliding window, ...), else the references. CPU
+  always uses the references.
+- "reference": the plain-jnp references (the CPU path, and the oracles for the kernels).
+- "pallas": the kernels, compiled for the GPU; unsupported inputs raise instead of falling back.
+- "interpret": the kernels in Mosaic GPU interpret mode (CPU testing); unsupported inputs raise.
 The model code calls only these two functions, so swapping kernels never touches it.
 `pallas_kernels` is imported where it is used: it takes its dimension names from
 `jaxinfer.dims`, so a module-level import here would be circular.
@@ -11,14 +14,29 @@ The model code calls only these two functions, so swapping kernels never touches
 
 from __future__ import annotations
 
+import jax
 from jaxtyping import Array, Float, Int
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "pallas", "interpret")
 
 
-def _check_backend(backend: str) -> None:
+def _use_kernel(backend: str, check) -> bool:
+    """Whether to call the kernel; `check()` raises for inputs it does not support."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
+    if backend == "reference":
+        return False
+    if backend == "auto":
+        device = jax.devices()[0]
+        if device.platform != "gpu" or getattr(device, "compute_capability", None) != "9.0":
+            return False
+        try:
+            check()
+        except (ValueError, NotImplementedError):
+            return False
+        return True
+    check()  # "pallas" / "interpret": the caller asked for the kernel, so say why it can't run
+    return True
 
 
 def prefill_attention(
@@ -31,10 +49,16 @@ def prefill_attention(
     backend: str = "auto",
 ) -> Float[Array, "batch seq q_heads head_dim"]:
     """Causal self-attention over each row's first `lengths` tokens; padded rows give zeros."""
-    _check_backend(backend)
-    from pallas_kernels.flash_attention import flash_attention_reference
+    from pallas_kernels import flash_attention as fa
 
-    return flash_attention_reference(q, k, v, lengths=lengths, causal=True, sliding_window=sliding_window)
+    def check():
+        if sliding_window is not None:
+            raise NotImplementedError("the flash-attention kernel has no sliding window")
+        fa.check_flash_attention_kernel_inputs(q, k, v, lengths)
+
+    if _use_kernel(backend, check):
+        return fa.flash_attention(q, k, v, lengths=lengths, causal=True, interpret=backend == "interpret")
+    return fa.flash_attention_reference(q, k, v, lengths=lengths, causal=True, sliding_window=sliding_window)
 
 
 def decode_attention(
@@ -48,9 +72,12 @@ def decode_attention(
     backend: str = "auto",
 ) -> Float[Array, "slots q_heads head_dim"]:
     """One query per slot against that slot's pages; `lengths` counts the query's own token."""
-    _check_backend(backend)
-    from pallas_kernels.paged_attention import paged_attention_reference
+    from pallas_kernels import paged_attention as pa
 
-    return paged_attention_reference(
-        q, k_pages, v_pages, page_table, lengths, sliding_window=sliding_window
-    )
+    def check():
+        pa.check_paged_attention_kernel_inputs(q, k_pages, v_pages, page_table, lengths,
+                                               sliding_window=sliding_window)
+
+    if _use_kernel(backend, check):
+        return pa.paged_attention(q, k_pages, v_pages, page_table, lengths, interpret=backend == "interpret")
+    return pa.paged_attention_reference(q, k_pages, v_pages, page_table, lengths, sliding_window=sliding_window)

@@ -390,8 +390,10 @@ def _flash_attention_kernel_call(
     return (outs[0], outs[1]) if return_lse else outs[0]
 
 
-def _check_kernel_inputs(q, k, v, lengths, config: Any, return_lse: bool) -> None:
-    """ValueErrors for inputs the kernel cannot take (on top of the reference's shape checks)."""
+def check_flash_attention_kernel_inputs(q, k, v, lengths=None, config: Any = None, return_lse: bool = False) -> None:
+    """ValueErrors for inputs the kernel cannot take (on top of the reference's shape checks).
+    Works on arrays, tracers and ShapeDtypeStructs."""
+    config = DEFAULT_TUNING_CONFIG if config is None else config
     _check_shapes(q.shape, k.shape, v.shape, None if lengths is None else lengths.shape)
     dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
     if len(dtypes) != 1:
@@ -460,7 +462,10 @@ def flash_attention(
     `interpret=True` (or an `InterpretGPUParams`) runs the GPU interpreter (CPU testing).
     """
     config = DEFAULT_TUNING_CONFIG if config is None else config
-    _check_kernel_inputs(q, k, v, lengths, config, return_lse)
+    check_flash_attention_kernel_inputs(q, k, v, lengths, config, return_lse)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _flash_attention_jit(q, k, v, lengths, causal=bool(causal), scale=scale, config=config,
                                 return_lse=bool(return_lse), interpret=interpret)
+
+
+_check_kernel_inputs = check_flash_attention_kernel_inputs  # the name the kernel tests use

@@ -15,9 +15,27 @@ The model code calls only these two functions, so swapping kernels never touches
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 BACKENDS = ("auto", "reference", "pallas", "interpret")
+KERNEL_HEAD_DIMS = (64, 128)
+
+
+def _kernel_head_dim(head_dim: int) -> int:
+    """Smaller head dims (e.g. stories260K's 8) are zero-padded up to one the kernels take:
+    zero columns add nothing to q.k, and V's zero columns are sliced off the output. It costs a
+    padded copy of the inputs (the whole layer pool in decode), fine for the small models that
+    have such heads."""
+    return next((d for d in KERNEL_HEAD_DIMS if d >= head_dim), head_dim)
+
+
+def _pad(x, head_dim: int):
+    return x if x.shape[-1] == head_dim else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, head_dim - x.shape[-1])])
+
+
+def _spec(x, head_dim: int):
+    return jax.ShapeDtypeStruct(x.shape[:-1] + (head_dim,), x.dtype)
 
 
 def _use_kernel(backend: str, check) -> bool:
@@ -51,13 +69,17 @@ def prefill_attention(
     """Causal self-attention over each row's first `lengths` tokens; padded rows give zeros."""
     from pallas_kernels import flash_attention as fa
 
+    hd, d = q.shape[-1], _kernel_head_dim(q.shape[-1])
+
     def check():
         if sliding_window is not None:
             raise NotImplementedError("the flash-attention kernel has no sliding window")
-        fa.check_flash_attention_kernel_inputs(q, k, v, lengths)
+        fa.check_flash_attention_kernel_inputs(_spec(q, d), _spec(k, d), _spec(v, d), lengths)
 
     if _use_kernel(backend, check):
-        return fa.flash_attention(q, k, v, lengths=lengths, causal=True, interpret=backend == "interpret")
+        out = fa.flash_attention(_pad(q, d), _pad(k, d), _pad(v, d), lengths=lengths, causal=True,
+                                 scale=hd**-0.5, interpret=backend == "interpret")
+        return out[..., :hd]
     return fa.flash_attention_reference(q, k, v, lengths=lengths, causal=True, sliding_window=sliding_window)
 
 
@@ -74,10 +96,14 @@ def decode_attention(
     """One query per slot against that slot's pages; `lengths` counts the query's own token."""
     from pallas_kernels import paged_attention as pa
 
+    hd, d = q.shape[-1], _kernel_head_dim(q.shape[-1])
+
     def check():
-        pa.check_paged_attention_kernel_inputs(q, k_pages, v_pages, page_table, lengths,
-                                               sliding_window=sliding_window)
+        pa.check_paged_attention_kernel_inputs(_spec(q, d), _spec(k_pages, d), _spec(v_pages, d), page_table,
+                                               lengths, sliding_window=sliding_window)
 
     if _use_kernel(backend, check):
-        return pa.paged_attention(q, k_pages, v_pages, page_table, lengths, interpret=backend == "interpret")
+        out = pa.paged_attention(_pad(q, d), _pad(k_pages, d), _pad(v_pages, d), page_table, lengths,
+                                 scale=hd**-0.5, interpret=backend == "interpret")
+        return out[..., :hd]
     return pa.paged_attention_reference(q, k_pages, v_pages, page_table, lengths, sliding_window=sliding_window)

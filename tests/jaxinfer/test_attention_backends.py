@@ -47,7 +47,7 @@ def test_auto_on_cpu_is_the_reference():
 
 
 def test_kernel_backends_explain_unsupported_inputs():
-    q = jnp.zeros((1, 16, 2, 8), jnp.float32)  # fp32, head_dim 8: not kernel inputs
+    q = jnp.zeros((1, 16, 2, 8), jnp.float32)  # fp32: not a kernel input
     with pytest.raises(ValueError):
         prefill_attention(q, q, q, lengths=None, backend="interpret")
     with pytest.raises(NotImplementedError, match="sliding"):
@@ -63,6 +63,25 @@ def test_generation_through_interpreted_kernels_equals_reference():
     prompts = [rng.integers(3, 96, n).tolist() for n in (5, 16, 21)]  # below/at/across a page
     sp = jaxinfer.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     kw = dict(max_slots=2, page_size=16, num_pages=16, max_seq_len=64, decode_steps=3, prefill_buckets=(32, 63))
+    ref = jaxinfer.Engine(model, attention_backend="reference", **kw).generate(prompts, sp)
+    try:
+        ker = jaxinfer.Engine(model, attention_backend="interpret", **kw).generate(prompts, sp)
+    finally:
+        from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import reset_gpu_interpret_mode_state
+
+        reset_gpu_interpret_mode_state()
+    assert [o.token_ids for o in ker] == [o.token_ids for o in ref]
+
+
+@pytest.mark.timeout(600)
+def test_stories260k_through_interpreted_kernels_equals_reference(assets_dir):
+    """The real model (head_dim 8, zero-padded to the kernels' 64) in bf16 (the kernels take
+    bf16/fp16): same greedy tokens through the interpreted kernels as through the reference
+    path on the same bf16 weights."""
+    model = jaxinfer.load_model(assets_dir / "stories260K", dtype="bfloat16")
+    sp = jaxinfer.SamplingParams(max_tokens=12, temperature=0.0)
+    prompts = [[1], [1, 403, 407, 261, 378]]
+    kw = dict(max_slots=2, page_size=16, num_pages=16, max_seq_len=64, decode_steps=4, prefill_buckets=(16, 63))
     ref = jaxinfer.Engine(model, attention_backend="reference", **kw).generate(prompts, sp)
     try:
         ker = jaxinfer.Engine(model, attention_backend="interpret", **kw).generate(prompts, sp)

@@ -71,9 +71,13 @@ def apply_rope(x: Float[Array, "*b heads head_dim"], cos: Array, sin: Array) -> 
     return out.astype(x.dtype)
 
 
-def linear(x: Array, w: Array, b: Array | None = None) -> Array:
-    # Accumulate in float32 whatever the storage dtype (bf16 weights on GPU).
-    y = jnp.einsum("...i,io->...o", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+def linear(x: Array, w: Any, b: Array | None = None) -> Array:
+    # A quantized weight (any PyTree with a `matmul(x) -> float32` method, see jaxinfer.quant)
+    # multiplies itself; a dense one accumulates in float32 whatever its storage dtype.
+    if hasattr(w, "matmul"):
+        y = w.matmul(x)
+    else:
+        y = jnp.einsum("...i,io->...o", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
     if b is not None:
         y = y + b.astype(jnp.float32)
     return y.astype(x.dtype)

@@ -89,6 +89,123 @@ class RopeConfig:
         return inv
 
 
+_GPTQ_BITS = (2, 3, 4, 8)
+_GPTQ_FORMATS = ("gptq", "gptq_v2")
+_BNB_4BIT_TYPES = ("nf4", "fp4")
+# quantization_config fields that cannot change the forward pass of the saved checkpoint.
+_QUANT_IGNORED = {
+    "meta": "GPTQ quantizer provenance and calibration settings (gptqmodel)",
+    "damp_percent": "GPTQ calibration setting", "damp_auto_increment": "GPTQ calibration setting",
+    "static_groups": "GPTQ calibration setting (g_idx in the checkpoint decides grouping)",
+    "true_sequential": "GPTQ calibration setting", "mse": "GPTQ calibration setting",
+    "model_name_or_path": "provenance", "model_file_base_name": "provenance",
+    "quantizer": "provenance", "method": "GPTQ algorithm name (quant_method decides the format)",
+    "bnb_4bit_compute_dtype": "bitsandbytes compute dtype; load_model(dtype=...) decides it",
+    "_load_in_4bit": "duplicate of load_in_4bit", "_load_in_8bit": "duplicate of load_in_8bit",
+}
+_GPTQ_KEYS = {"quant_method", "bits", "group_size", "sym", "desc_act", "checkpoint_format", "format",
+              "lm_head", "pack_dtype"}
+_BNB_KEYS = {
+    "quant_method", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
+    "bnb_4bit_quant_storage", "llm_int8_threshold", "llm_int8_skip_modules",
+    "llm_int8_enable_fp32_cpu_offload", "llm_int8_has_fp16_weight",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """How a checkpoint's linear layers (q/k/v/o, gate/up/down) are quantized; see jaxinfer.quant.
+
+    method "gptq": `bits`-bit integer codes, groups of `group_size` input rows (None: one group
+    per output channel), `sym`, `desc_act` (act-order g_idx), `checkpoint_format` "gptq" (v1:
+    stored zero points are zero - 1) or "gptq_v2". method "bitsandbytes": bits 8 (LLM.int8 weights,
+    `int8_threshold` > 0 selects the outlier-decomposed matmul) or bits 4 with `quant_type`
+    nf4 / fp4 and `double_quant`. Embeddings, norms and lm_head always stay dense.
+    """
+
+    method: str
+    bits: int
+    group_size: int | None = None
+    sym: bool = True
+    desc_act: bool = False
+    checkpoint_format: str | None = None
+    quant_type: str | None = None
+    double_quant: bool = False
+    int8_threshold: float = 0.0
+
+
+def _quant_from_hf(raw: Any) -> QuantConfig:
+    where = "quantization_config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be an object, got {raw!r}")
+    method = raw.get("quant_method")
+    if method not in ("gptq", "bitsandbytes"):
+        raise ConfigError(f"{where}.quant_method = {method!r} is not supported; supported: ['gptq', 'bitsandbytes']")
+    known = _GPTQ_KEYS if method == "gptq" else _BNB_KEYS
+    unknown = sorted(set(raw) - known - set(_QUANT_IGNORED))
+    if unknown:
+        raise ConfigError(f"unsupported {where} field(s) {unknown} for quant_method {method!r}")
+
+    def flag(key: str, default: bool) -> bool:
+        value = raw.get(key, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}.{key} must be true or false, got {value!r}")
+        return value
+
+    if method == "gptq":
+        for key in ("bits", "group_size"):
+            if key not in raw:
+                raise ConfigError(f"{where}.{key} is required for quant_method 'gptq'")
+        bits = raw["bits"]
+        if bits not in _GPTQ_BITS or isinstance(bits, bool):
+            raise ConfigError(f"{where}.bits = {bits!r} is not supported; supported: {list(_GPTQ_BITS)}")
+        group = raw["group_size"]
+        if not isinstance(group, int) or isinstance(group, bool) or not (group == -1 or group > 0):
+            raise ConfigError(f"{where}.group_size = {group!r} must be a positive integer or -1 (per channel)")
+        fmt = raw.get("checkpoint_format", raw.get("format", "gptq"))
+        if "format" in raw and raw["format"] != fmt:
+            raise ConfigError(f"{where}.format = {raw['format']!r} contradicts checkpoint_format = {fmt!r}")
+        if fmt not in _GPTQ_FORMATS:
+            raise ConfigError(f"{where}.checkpoint_format = {fmt!r} is not supported; supported: {list(_GPTQ_FORMATS)}")
+        if raw.get("pack_dtype", "int32") != "int32":
+            raise ConfigError(f"{where}.pack_dtype = {raw['pack_dtype']!r} is not supported; only 'int32'")
+        if flag("lm_head", False):
+            raise ConfigError(f"{where}.lm_head = true (a quantized lm_head) is not supported")
+        return QuantConfig(method="gptq", bits=bits, group_size=None if group == -1 else group,
+                           sym=flag("sym", True), desc_act=flag("desc_act", False), checkpoint_format=fmt)
+
+    in4, in8 = flag("load_in_4bit", False), flag("load_in_8bit", False)
+    for key, value in (("_load_in_4bit", in4), ("_load_in_8bit", in8)):
+        if key in raw and raw[key] != value:
+            raise ConfigError(f"{where}.{key} = {raw[key]!r} contradicts {key[1:]} = {value!r}")
+    if in4 == in8:
+        raise ConfigError(f"{where}: exactly one of load_in_4bit and load_in_8bit must be true")
+    if flag("llm_int8_enable_fp32_cpu_offload", False):
+        raise ConfigError(f"{where}.llm_int8_enable_fp32_cpu_offload = true is not supported")
+    if flag("llm_int8_has_fp16_weight", False):
+        raise ConfigError(f"{where}.llm_int8_has_fp16_weight = true (unquantized weights) is not supported")
+    skip = raw.get("llm_int8_skip_modules")
+    if skip is not None and (not isinstance(skip, list) or set(skip) - {"lm_head"}):
+        raise ConfigError(
+            f"{where}.llm_int8_skip_modules = {skip!r} is not supported; only null or ['lm_head'] "
+            "(lm_head is never quantized)"
+        )
+    if in8:
+        threshold = raw.get("llm_int8_threshold", 6.0)
+        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or threshold < 0:
+            raise ConfigError(f"{where}.llm_int8_threshold = {threshold!r} must be a non-negative number")
+        return QuantConfig(method="bitsandbytes", bits=8, group_size=None, sym=True,
+                           int8_threshold=float(threshold))
+    qtype = raw.get("bnb_4bit_quant_type", "fp4")
+    if qtype not in _BNB_4BIT_TYPES:
+        raise ConfigError(f"{where}.bnb_4bit_quant_type = {qtype!r} is not supported; supported: {list(_BNB_4BIT_TYPES)}")
+    if raw.get("bnb_4bit_quant_storage", "uint8") != "uint8":
+        raise ConfigError(f"{where}.bnb_4bit_quant_storage = {raw['bnb_4bit_quant_storage']!r} is not supported; only 'uint8'")
+    # blocksize is not in the config: bitsandbytes defaults to 64; each tensor's quant_state says.
+    return QuantConfig(method="bitsandbytes", bits=4, group_size=64, quant_type=qtype,
+                       double_quant=flag("bnb_4bit_use_double_quant", False))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Static architecture of a Llama-family decoder. Frozen and hashable: a jit static argument."""
@@ -111,6 +228,7 @@ class ModelConfig:
     sliding_window: int | None = None  # Mistral: a query sees itself and the previous W-1 keys
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
+    quant: QuantConfig | None = None  # quantized linear layers (quantization_config); None: dense
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -127,6 +245,15 @@ class ModelConfig:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ConfigError(f"sliding_window must be positive or null, got {self.sliding_window}")
+        group = self.quant.group_size if self.quant is not None else None
+        if group is not None:
+            for name, k in (("hidden_size", self.hidden_size), ("num_heads * head_dim", self.q_size),
+                            ("intermediate_size", self.intermediate_size)):
+                if k % group:
+                    raise ConfigError(
+                        f"quantization_config.group_size = {group} does not divide {name} = {k} "
+                        "(the input width of a quantized linear layer)"
+                    )
 
     @property
     def q_size(self) -> int:
@@ -181,11 +308,8 @@ def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
         raise ConfigError(
             f"model_type = {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}"
         )
-    if "quantization_config" in raw:
-        raise ConfigError(
-            "quantization_config: quantized checkpoints are not supported yet (only dense weights)"
-        )
-    unknown = sorted(set(raw) - _MAPPED - set(_IGNORED))
+    quant = _quant_from_hf(raw["quantization_config"]) if "quantization_config" in raw else None
+    unknown = sorted(set(raw) - _MAPPED - set(_IGNORED) - {"quantization_config"})
     if unknown:
         raise ConfigError(
             f"unsupported config field(s) {unknown} for model_type {model_type!r}: jaxinfer maps "
@@ -245,6 +369,7 @@ def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
             sliding_window=window,
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            quant=quant,
         )
     except KeyError as e:
         raise ConfigError(f"config.json is missing required field {e.args[0]!r}") from None

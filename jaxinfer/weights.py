@@ -189,10 +189,14 @@ def _load(path: Path, files: list[Path], handles: list[Any], config: ModelConfig
             found[name] = (handle, info.get_shape(), info.get_dtype())
     if duplicated:
         raise CheckpointError(f"checkpoint {path}: tensors stored in more than one shard: {duplicated}")
+    show = progress if progress is not None else sum(f.stat().st_size for f in files) > _PROGRESS_BYTES
+    if config.quant is not None:  # quantized linear layers: checked and read by jaxinfer.quant
+        from jaxinfer.quant.load import load_quantized
+
+        return load_quantized(path, found, config, dtype, show)
     _check(found, config, path)
 
     specs = hf_tensor_specs(config)
-    show = progress if progress is not None else sum(f.stat().st_size for f in files) > _PROGRESS_BYTES
     # Group HF tensors by destination so each stacked parameter is assembled in one host buffer.
     groups: dict[str, list[tuple[str, TensorSpec]]] = {}
     for name, spec in specs.items():

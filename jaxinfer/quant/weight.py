@@ -1,0 +1,136 @@
+"""`QuantizedWeight`: one PyTree for every quantized linear-weight format jaxinfer reads.
+
+The weight is logically W [in=K, out=N], the dense layout of jaxinfer/model.py, optionally with a
+leading stacked-layers axis (`lax.scan` over the layers slices every array leaf, so all leaves
+carry it or none does). Arrays:
+
+- `codes` uint8: the integer codes. bits == 4: two codes per byte packed along K,
+  `codes[k // 2, n]` holds code (k, n) in its low nibble for even k and its high nibble for odd
+  k, so `codes` is [K/2, N]. Any other width (8, and 2- and 3-bit GPTQ) is stored one code per
+  byte, [K, N] (unpacked: simple, not memory-optimal for 2/3 bits).
+- `scales` float32 [G, N]: one scale per (group of input rows, output column). Groups run over
+  the input dim: row k is in group `g_idx[k]` if `g_idx` is given (GPTQ act-order), else
+  `k // group_size`; a per-output-channel scale is one group, group_size == K.
+- `zeros` uint8 [G, N] or None: zero points in code units (None: zero).
+- `g_idx` int32 [K] or None.
+- `table` float32 [16] or None: code book for 4-bit float formats (NF4 / FP4).
+
+Dequantization, by `kind` (static):
+- "affine" (GPTQ, bitsandbytes int8 weight-only): W[k, n] = (code - zero[g(k), n]) * scale[g(k), n]
+- "table"  (bitsandbytes NF4 / FP4):              W[k, n] = table[code] * scale[g(k), n]
+- "llm_int8": the same weights as "affine" (8-bit codes offset by 128, zero 128, scale = SCB/127),
+  but `matmul` runs LLM.int8 (bitsandbytes' outlier decomposition at `threshold`).
+
+`matmul` here is the plain-jnp reference (dequantize, then a float32 dot); a fused kernel can
+replace it per backend without changing the PyTree.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, UInt8
+
+KINDS = ("affine", "table", "llm_int8")
+# bitsandbytes' float32 constants for 1/127 and 1/(127*127) (int8_vectorwise_dequant, int8_mm_dequant).
+_INV_127 = 7.874015718698502e-3
+_INV_127_SQ = 6.200124e-05
+
+
+@flax.struct.dataclass
+class QuantizedWeight:
+    """A quantized [*layers, K, N] linear weight; see the module docstring for the layout."""
+
+    codes: UInt8[Array, "*layers kc n"]
+    scales: Float[Array, "*layers groups n"]
+    zeros: UInt8[Array, "*layers groups n"] | None = None
+    g_idx: Int[Array, "*layers k"] | None = None
+    table: Float[Array, "*layers 16"] | None = None
+    bits: int = flax.struct.field(pytree_node=False, default=4)
+    group_size: int = flax.struct.field(pytree_node=False, default=128)
+    kind: str = flax.struct.field(pytree_node=False, default="affine")
+    threshold: float = flax.struct.field(pytree_node=False, default=0.0)  # llm_int8 only
+
+    @property
+    def in_features(self) -> int:
+        return self.codes.shape[-2] * (2 if self.bits == 4 else 1)
+
+    @property
+    def out_features(self) -> int:
+        return self.codes.shape[-1]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The logical dense shape [*layers, K, N]."""
+        return (*self.codes.shape[:-2], self.in_features, self.out_features)
+
+    def unpacked_codes(self) -> Int[Array, "*layers k n"]:
+        """The codes one per element, int32 [*layers, K, N]."""
+        c = self.codes.astype(jnp.int32)
+        if self.bits != 4:
+            return c
+        lo, hi = c & 0xF, c >> 4
+        both = jnp.stack([lo, hi], axis=-2)  # [*layers, K/2, 2, N]
+        return both.reshape(*c.shape[:-2], c.shape[-2] * 2, c.shape[-1])
+
+    def _per_row(self, a: Array) -> Array:
+        """Expands a per-group [*layers, G, N] array to per input row [*layers, K, N]."""
+        if self.g_idx is not None:
+            idx = jnp.broadcast_to(self.g_idx[..., :, None], (*self.g_idx.shape, a.shape[-1]))
+            return jnp.take_along_axis(a, idx, axis=-2)
+        return jnp.repeat(a, self.group_size, axis=-2, total_repeat_length=self.in_features)
+
+    def dequantize(self) -> Float[Array, "*layers k n"]:
+        """The dense float32 weight [*layers, K, N]."""
+        q = self.unpacked_codes()
+        scale = self._per_row(self.scales.astype(jnp.float32))
+        if self.kind == "table":
+            if self.table is None:
+                raise ValueError("a 'table' QuantizedWeight needs its code table")
+            lead = q.shape[:-2]
+            flat = q.reshape(*lead, -1)
+            values = jnp.take_along_axis(self.table.astype(jnp.float32), flat, axis=-1)
+            return values.reshape(q.shape) * scale
+        if self.zeros is not None:
+            q = q - self._per_row(self.zeros.astype(jnp.int32))
+        return q.astype(jnp.float32) * scale
+
+    def matmul(self, x: Float[Array, "*b k"]) -> Float[Array, "*b n"]:
+        """x @ W with float32 accumulation; float32 [*b, N]. Needs an unstacked (2-D) weight."""
+        if len(self.codes.shape) != 2:
+            raise ValueError(f"matmul needs one layer's weight, got stacked shape {self.shape}")
+        if self.kind == "llm_int8" and self.threshold > 0:
+            return self._llm_int8_matmul(x)
+        w = self.dequantize()
+        return jnp.einsum("...i,io->...o", x.astype(jnp.float32), w, preferred_element_type=jnp.float32)
+
+    def _llm_int8_matmul(self, x: Float[Array, "*b k"]) -> Float[Array, "*b n"]:
+        """bitsandbytes LLM.int8 (MatMul8bitLt at inference, its default CPU kernels).
+
+        Activations are cast to float16; elements with |x| >= threshold are outliers and every
+        column holding one goes through a float32 matmul with the dequantized weight columns.
+        The rest is quantized row-wise (absmax over the non-outlier elements) to int8 and
+        multiplied with the int8 weight in int32, rescaled by row_absmax * SCB / 127**2.
+        """
+        k, n = self.shape
+        lead = x.shape[:-1]
+        a = x.reshape(-1, k)
+        rows = a.shape[0]
+        a16 = a.astype(jnp.float16)
+        outliers = jnp.abs(a16) >= self.threshold
+        cols = jnp.any(outliers, axis=0)  # [K]
+        inliers = jnp.where(outliers, jnp.float16(0), a16).astype(jnp.float32)
+        row_stats = jnp.max(jnp.abs(inliers), axis=-1)  # [rows] float32
+        inv = jnp.where(row_stats > 0, 127.0 / row_stats, 0.0)
+        ca = jnp.round(inliers * inv[:, None]).astype(jnp.int8)
+        if rows > 1:
+            ca = jnp.where(cols[None, :], jnp.int8(0), ca)
+        cb = (self.codes.astype(jnp.int32) - self.zeros.astype(jnp.int32)).astype(jnp.int8)  # [K, N]
+        acc = jax.lax.dot_general(ca, cb, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+        scb = self.scales[0].astype(jnp.float32) * 127.0  # scales hold SCB / 127
+        out = acc.astype(jnp.float32) * (row_stats[:, None] * scb[None, :]) * jnp.float32(_INV_127_SQ)
+        sub_b = cb.astype(jnp.float32) * (scb * jnp.float32(_INV_127))[None, :]
+        sub_a = jnp.where(cols[None, :], a.astype(jnp.float32), 0.0)
+        out = out + jnp.dot(sub_a, sub_b, preferred_element_type=jnp.float32)
+        return out.reshape(*lead, n)

@@ -20,6 +20,7 @@ mismatch anywhere is reported in the same vocabulary (tests run with runtime sha
 | vocab           | vocabulary size                                                 |
 | max_stops       | stop-token ids per slot (EngineConfig.max_stop_ids)             |
 | steps           | decode steps run per host sync                                  |
+| max_logprobs    | top-k logprobs returned per token (EngineConfig.max_logprobs)   |
 """
 
 import numpy as np
@@ -43,6 +44,7 @@ FFN = "ffn"
 VOCAB = "vocab"
 MAX_STOPS = "max_stops"
 STEPS = "steps"
+MAX_LOGPROBS = "max_logprobs"
 
 # Shared aliases for the arrays that cross module boundaries.
 Tokens = Int[Array, "batch seq"]
@@ -63,7 +65,7 @@ StopIds = Int[Array, "slots max_stops"]
 __all__ = [
     "AnyArray",
     "BATCH", "SEQ", "SLOTS", "PAGES", "PAGE_SIZE", "PAGES_PER_SEQ", "LAYERS", "Q_HEADS",
-    "KV_HEADS", "HEAD_DIM", "HIDDEN", "FFN", "VOCAB", "MAX_STOPS", "STEPS",
+    "KV_HEADS", "HEAD_DIM", "HIDDEN", "FFN", "VOCAB", "MAX_STOPS", "STEPS", "MAX_LOGPROBS",
     "Tokens", "Lengths", "Logits", "Queries", "KeysValues", "DecodeQueries", "PageTable",
     "LayerPages", "KVPool", "SlotInts", "SlotFloats", "SlotBools", "SlotKeys", "StopIds",
 ]

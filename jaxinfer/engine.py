@@ -6,7 +6,10 @@ One `Engine.step()`:
    preempted), and prefill them with one `insert` padded to a (batch, length) bucket,
 2. run `decode_steps` decode steps on device,
 3. fetch the insert and decode outputs in ONE device-to-host transfer and hand out tokens,
-4. evict the slots that finished (one jitted call, dispatched without waiting).
+4. match stop strings on the detokenized text (host side; a match finishes the request with
+   "stop", its text cut right before the stop string and later tokens dropped),
+5. evict the slots that finished on device or by a stop string (one jitted call with a slot
+   mask, dispatched without waiting).
 In "static" mode step 2 only admits when every slot is empty (fill a batch, run it out).
 
 Compilations: `insert` once per (batch bucket, prefill bucket) pair actually used, `decode_steps`
@@ -22,6 +25,7 @@ import typing
 from typing import Iterable, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.errors import InvalidRequestError
@@ -41,6 +45,12 @@ class RequestOutput:
     text: str | None  # None without a tokenizer; special tokens are not rendered
     finish_reason: str | None  # "stop", "length", "abort" (pool exhausted), None while running
     token_times: list[float] = dataclasses.field(default_factory=list)  # perf_counter per token
+    # With SamplingParams.logprobs=k: per generated token {token_id: logprob} for the token
+    # itself and the top k, of the raw model distribution (before penalties / temperature).
+    logprobs: list[dict[int, float]] | None = None
+    # With prompt_logprobs=k: per prompt token the same, given the tokens before it (None for
+    # the first, which has no prefix).
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -57,6 +67,7 @@ class StreamDelta:
     text: str
     finish_reason: str | None
     time: float  # perf_counter when the tokens reached the host
+    logprobs: list[dict[int, float]] | None = None  # one per token in token_ids, with logprobs=k
 
 
 @dataclasses.dataclass
@@ -70,6 +81,9 @@ class _Request:
     detok: object | None
     pending: list[int] = dataclasses.field(default_factory=list)
     pending_text: str = ""
+    pending_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
+    stopped: bool = False  # a stop string matched: later tokens are dropped, the slot is freed
+    sent: int = 0  # characters of out.text already handed out in deltas
 
 
 class Engine:
@@ -97,6 +111,7 @@ class Engine:
         decode_steps: int = 8,
         max_stop_ids: int = 4,
         attention_backend: str = "auto",
+        max_logprobs: int = 5,
         mode: str = "continuous",
         seed: int | None = None,
         add_bos: bool = True,
@@ -111,6 +126,7 @@ class Engine:
             max_slots=max_slots, page_size=page_size, num_pages=num_pages, max_seq_len=max_seq_len,
             prefill_buckets=tuple(prefill_buckets), max_prefill_batch=max_prefill_batch,
             max_stop_ids=max_stop_ids, decode_steps=decode_steps, attention_backend=attention_backend,
+            max_logprobs=max_logprobs,
         )
         self.state = init_state(self.cfg, model.config, model.dtype)
         self.eos_ids = tuple(
@@ -148,7 +164,7 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         vocab = self.model.config.vocab_size
-        params.validate(vocab)
+        params.validate(vocab, self.cfg.max_logprobs)
         ids = self._tokenize(prompt)
         cfg = self.cfg
         if not ids:
@@ -178,7 +194,10 @@ class Engine:
         rid = self._next_id
         self._next_id += 1
         detok = self.tokenizer.detokenizer(ids) if self.tokenizer is not None else None
-        out = RequestOutput(rid, ids, [], "" if detok is not None else None, None)
+        if params.stop and detok is None:
+            raise InvalidRequestError("SamplingParams.stop (stop strings) needs a tokenizer: Engine(tokenizer=...)")
+        out = RequestOutput(rid, ids, [], "" if detok is not None else None, None,
+                            logprobs=[] if params.logprobs is not None else None)
         return _Request(rid, ids, params, stop_ids, reserve, out, detok)
 
     @typing.no_type_check  # explicit validation below gives the user a specific message
@@ -234,37 +253,77 @@ class Engine:
                     self._waiting.appendleft(req)
                     continue
                 self._slots[int(ins.slot[row])] = req
-                self._emit(req, int(ins.token[row]), now, touched)
+                if req.params.prompt_logprobs is not None:
+                    req.out.prompt_logprobs = [None] + [
+                        _logprob_dict(req.prompt[i], ins.prompt_logprob[row, i], ins.prompt_top_ids[row, i],
+                                      ins.prompt_top_logprobs[row, i], req.params.prompt_logprobs)
+                        for i in range(1, len(req.prompt))
+                    ]
+                self._emit(req, int(ins.token[row]), now, touched,
+                           (ins.logprob[row], ins.top_ids[row], ins.top_logprobs[row]))
         if dec is not None:
             for t in range(dec.token.shape[0]):
                 for s in np.nonzero(dec.emitted[t])[0]:
-                    self._emit(self._slots[s], int(dec.token[t, s]), now, touched)
+                    self._emit(self._slots[s], int(dec.token[t, s]), now, touched,
+                               (dec.logprob[t, s], dec.top_ids[t, s], dec.top_logprobs[t, s]))
+        mask = np.zeros(cfg.max_slots, bool)
         for s, req in enumerate(self._slots):
-            if req is not None and finished[s]:
-                req.out.finish_reason = FINISH_REASONS[int(reason[s])]
+            if req is not None and (finished[s] or req.stopped):
+                # A stop string wins over whatever the device decided later in the same chunk.
+                req.out.finish_reason = "stop" if req.stopped else FINISH_REASONS[int(reason[s])]
                 self._slots[s] = None
                 self._reserved -= req.reserve
-                evict = True
+                mask[s] = evict = True
                 touched[req.rid] = req
         if evict:  # dispatched asynchronously; the next step's work queues behind it
-            self.state = evict_jit(cfg, self.state)
+            # An explicit mask (always, so evict compiles once): a slot stopped by a stop string
+            # is still running on device and is freed here like a finished one.
+            self.state = evict_jit(cfg, self.state, jnp.asarray(mask))
         return [self._delta(req, now) for req in touched.values()]
 
-    def _emit(self, req: _Request, token: int, now: float, touched: dict) -> None:
+    def _emit(self, req: _Request, token: int, now: float, touched: dict, lp=None) -> None:
+        if req.stopped:  # decoded after a stop string in the same chunk: not part of the output
+            return
         req.out.token_ids.append(token)
         req.out.token_times.append(now)
         req.pending.append(token)
+        if req.params.logprobs is not None and lp is not None:
+            entry = _logprob_dict(token, *lp, req.params.logprobs)
+            req.out.logprobs.append(entry)
+            req.pending_logprobs.append(entry)
         touched[req.rid] = req
+        if req.detok is not None:
+            # One token at a time (the detokenizer does that internally anyway), so a stop string
+            # is attributed to the token that completed it.
+            self._add_text(req, req.detok.push([token]))
+
+    def _add_text(self, req: _Request, new: str) -> None:
+        if not new:
+            return
+        req.out.text += new
+        if req.params.stop:
+            text = req.out.text
+            # Only a match overlapping the new characters is new (vLLM's search window).
+            hits = [i for st in req.params.stop
+                    if (i := text.find(st, max(0, len(text) - len(new) - len(st) + 1))) >= 0]
+            if hits:
+                req.out.text = text[: min(hits)]  # include_stop_str_in_output=False, as vLLM
+                req.stopped = True
 
     def _delta(self, req: _Request, now: float) -> StreamDelta:
         text = ""
         if req.detok is not None:
-            text = req.detok.push(req.pending)
-            if req.out.finish_reason is not None:
-                text += req.detok.flush()
-            req.out.text += text
-        delta = StreamDelta(req.rid, req.rid, req.pending, text, req.out.finish_reason, now)
-        req.pending = []
+            done = req.out.finish_reason is not None
+            if done and not req.stopped:
+                self._add_text(req, req.detok.flush())
+            # While running, hold back the last (longest stop string - 1) characters: they may
+            # be the start of a stop string that must never be shown.
+            hold = 0 if done or not req.params.stop else max(map(len, req.params.stop)) - 1
+            end = max(req.sent, len(req.out.text) - hold)
+            text, req.sent = req.out.text[req.sent:end], end
+        lps = req.pending_logprobs if req.params.logprobs is not None else None
+        delta = StreamDelta(req.rid, req.rid, req.pending, text, req.out.finish_reason, now, lps)
+        req.pending, req.pending_logprobs = [], []
         return delta
 
     # ------------------------------------------------------------------ user API
@@ -325,3 +384,10 @@ class Engine:
             "running": sum(r is not None for r in self._slots),
             "waiting": len(self._waiting),
         }
+
+
+def _logprob_dict(token: int, logprob, top_ids, top_logprobs, k: int) -> dict[int, float]:
+    """vLLM's per-token logprobs entry: the token itself plus the top k, id -> logprob."""
+    entry = {int(i): float(v) for i, v in zip(top_ids[:k], top_logprobs[:k])}
+    entry.setdefault(int(token), float(logprob))
+    return entry

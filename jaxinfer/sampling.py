@@ -1,9 +1,13 @@
 """Sampling settings (host side) and the per-slot sampler that runs inside the jitted steps.
 
 Every setting is a per-slot array in the state, so no value ever triggers a recompile. The
-filters follow Hugging Face's order: temperature, then top-k, top-p and min-p on the
-temperature-scaled distribution, then one categorical draw with the slot's own key folded with
-its token index, so a seeded request draws the same tokens whatever else is in the batch.
+order follows vLLM: `process_logits` first masks stop ids until `min_tokens` tokens exist and
+applies the repetition / frequency / presence penalties; then `sample` applies Hugging Face's
+filter order: temperature, then top-k, top-p and min-p on the temperature-scaled distribution,
+then one categorical draw with the slot's own key folded with its token index, so a seeded
+request draws the same tokens whatever else is in the batch. `token_logprobs` reports the RAW
+model distribution (log_softmax of the logits before any processing: vLLM's default
+"raw_logprobs" mode), so logprobs do not depend on the sampling settings.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, UInt32
+from jaxtyping import Array, Bool, Float, Int, UInt32
 
 from jaxinfer.errors import InvalidRequestError
 
@@ -30,6 +34,16 @@ class SamplingParams:
     temperature 0 is greedy. top_k <= 0, top_p = 1 and min_p = 0 switch those filters off.
     seed None draws a fresh seed per request. stop_token_ids are added to the model's EOS ids
     unless ignore_eos.
+
+    Penalties (vLLM semantics): repetition_penalty (1 = off) divides positive / multiplies
+    negative logits of every token seen in the prompt or the output; presence_penalty and
+    frequency_penalty (0 = off, in [-2, 2] as in OpenAI's API) subtract
+    `presence * [count > 0] + frequency * count` over the OUTPUT tokens only. min_tokens masks
+    the stop ids (EOS unless ignore_eos, and stop_token_ids) until that many tokens exist.
+    logprobs=k (None = off) returns, per generated token, its logprob plus the top-k of the raw
+    model distribution; prompt_logprobs=k the same for every prompt token after the first.
+    stop: strings that end the request when they appear in the detokenized output (host side;
+    the output text stops right before the stop string, which is not included).
     """
 
     max_tokens: int = 16
@@ -40,11 +54,21 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False  # do not stop at the model's EOS (benchmarks); stop_token_ids still apply
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    stop: Sequence[str] = ()
 
     def __post_init__(self):
+        # A lone string is one stop string (as vLLM and OpenAI accept it), not its characters.
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
         self.validate()
 
-    def validate(self, vocab_size: int | None = None) -> None:
+    def validate(self, vocab_size: int | None = None, max_logprobs: int | None = None) -> None:
         def bad(field, value, expected):
             raise InvalidRequestError(f"SamplingParams.{field} = {value!r} is invalid: expected {expected}")
 
@@ -65,6 +89,27 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if isinstance(t, bool) or not isinstance(t, int) or t < 0 or (vocab_size is not None and t >= vocab_size):
                 bad("stop_token_ids", list(self.stop_token_ids), f"token ids in [0, {vocab_size or 'vocab_size'})")
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+        if not number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            bad("repetition_penalty", self.repetition_penalty, "a finite number > 0 (1 = off)")
+        for field in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, field)
+            if not number(v) or not -2 <= v <= 2:
+                bad(field, v, "a number in [-2, 2] (0 = off)")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            bad("min_tokens", self.min_tokens, "an integer >= 0")
+        elif isinstance(self.max_tokens, int) and self.min_tokens > self.max_tokens:
+            bad("min_tokens", self.min_tokens, f"at most max_tokens ({self.max_tokens})")
+        for field in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, field)
+            top = "max_logprobs" if max_logprobs is None else max_logprobs
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0
+                                  or (max_logprobs is not None and v > max_logprobs)):
+                bad(field, v, f"None or an integer in [0, {top}] (the engine's max_logprobs)")
+        if isinstance(self.stop, (str, bytes)) or not isinstance(self.stop, (list, tuple)) or not all(
+            isinstance(x, str) and x for x in self.stop
+        ):
+            bad("stop", self.stop, "a list of non-empty strings")
 
 
 def _filter_and_draw(
@@ -116,6 +161,66 @@ def sample(
 
     # The sort is the expensive part; an all-greedy batch skips it.
     return jax.lax.cond(jnp.any(temperature > 0), stochastic, lambda _: greedy, None)
+
+
+def process_logits(
+    logits: Float[Array, "slots vocab"],
+    num_generated: Int[Array, "slots"],
+    min_tokens: Int[Array, "slots"],
+    stop_ids: Int[Array, "slots max_stops"],
+    seen: Bool[Array, "slots vocab"],
+    counts: Int[Array, "slots vocab"],
+    repetition_penalty: Float[Array, "slots"],
+    presence_penalty: Float[Array, "slots"],
+    frequency_penalty: Float[Array, "slots"],
+) -> Float[Array, "slots vocab"]:
+    """vLLM's logits processing before `sample`: min_tokens stop-id masking, then penalties.
+    `num_generated` counts the tokens generated before the one being sampled; `seen` marks
+    prompt + output tokens (repetition penalty) and `counts` counts output tokens only
+    (presence / frequency penalties)."""
+    s, v = logits.shape
+    # Stop ids -> -inf while too few tokens exist. Padding (-1) and slots past their minimum
+    # point at column `v`, out of bounds, and the scatter drops them.
+    early = (num_generated < min_tokens)[:, None] & (stop_ids >= 0)
+    cols = jnp.where(early, stop_ids, v)
+    logits = logits.at[jnp.arange(s)[:, None], cols].set(-jnp.inf, mode="drop")
+
+    def penalize(z):
+        rep = repetition_penalty[:, None]
+        z = jnp.where(seen, jnp.where(z > 0, z / rep, z * rep), z)
+        c = counts.astype(z.dtype)
+        return z - frequency_penalty[:, None] * c - presence_penalty[:, None] * (c > 0)
+
+    # Three [slots, vocab] passes; a batch where no slot uses a penalty skips them.
+    used = jnp.any((repetition_penalty != 1) | (presence_penalty != 0) | (frequency_penalty != 0))
+    return jax.lax.cond(used, penalize, lambda z: z, logits)
+
+
+def token_logprobs(
+    logits: Float[Array, "*b vocab"],
+    token: Int[Array, "*b"],
+    num_top: int,
+    wanted: Bool[Array, ""],
+) -> tuple[Float[Array, "*b"], Int[Array, "*b max_logprobs"], Float[Array, "*b max_logprobs"]]:
+    """(logprob of `token`, top-`num_top` ids, their logprobs) under log_softmax(logits), the raw
+    model distribution. `num_top` is static (EngineConfig.max_logprobs; the host keeps each
+    request's k <= num_top). When not `wanted` (no request asked) the log_softmax and top-k are
+    skipped and zeros returned: default requests pay nothing."""
+    lead = token.shape
+
+    def compute(_):
+        lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        chosen = jnp.take_along_axis(lp, token[..., None], axis=-1)[..., 0]
+        if num_top == 0:
+            return chosen, jnp.zeros(lead + (0,), jnp.int32), jnp.zeros(lead + (0,), jnp.float32)
+        top_lp, top_ids = jax.lax.top_k(lp, num_top)
+        return chosen, top_ids.astype(jnp.int32), top_lp
+
+    def skip(_):
+        return (jnp.zeros(lead, jnp.float32), jnp.zeros(lead + (num_top,), jnp.int32),
+                jnp.zeros(lead + (num_top,), jnp.float32))
+
+    return jax.lax.cond(wanted, compute, skip, None)
 
 
 def seed_to_key(seed: int) -> UInt32[Array, "2"]:

@@ -63,11 +63,16 @@ class EngineConfig:
     max_stop_ids: int = 4
     decode_steps: int = 8  # decode steps per host sync
     attention_backend: str = "auto"
+    # Top-k logprobs computed per token when a request asks (SamplingParams.logprobs /
+    # prompt_logprobs <= this); static because it is the width of the top-k output arrays.
+    max_logprobs: int = 5
 
     def __post_init__(self):
         for name in ("max_slots", "page_size", "num_pages", "max_seq_len", "max_stop_ids", "decode_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"EngineConfig.{name} must be positive, got {getattr(self, name)}")
+        if isinstance(self.max_logprobs, bool) or not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
+            raise ValueError(f"EngineConfig.max_logprobs must be an integer >= 0, got {self.max_logprobs!r}")
         if self.num_pages < 2:
             raise ValueError("EngineConfig.num_pages must be >= 2 (page 0 is the reserved null page)")
         if not self.prefill_buckets:
@@ -129,6 +134,14 @@ class EngineState:
     min_p: Float[Array, "slots"]  # 0 = off
     rng: UInt32[Array, "slots 2"]  # per-request threefry key; step i uses fold_in(key, i)
     stop_ids: Int[Array, "slots max_stops"]  # -1 = unused
+    min_tokens: Int[Array, "slots"]  # stop ids are masked while num_generated < min_tokens
+    repetition_penalty: Float[Array, "slots"]  # 1 = off
+    presence_penalty: Float[Array, "slots"]  # 0 = off
+    frequency_penalty: Float[Array, "slots"]  # 0 = off
+    logprobs: Int[Array, "slots"]  # top-k logprobs wanted per token; -1 = none (lets decode skip them)
+    # Token history for the penalties: filled from the prompt by insert, updated by decode.
+    seen: Bool[Array, "slots vocab"]  # token occurs in prompt or output (repetition penalty)
+    counts: Int[Array, "slots vocab"]  # occurrences in the output (presence/frequency penalties)
 
     @property
     def running(self) -> Bool[Array, "slots"]:
@@ -162,4 +175,11 @@ def init_state(cfg: EngineConfig, model_cfg: ModelConfig, dtype=jnp.float32) -> 
         min_p=jnp.zeros((s,), jnp.float32),
         rng=jnp.zeros((s, 2), jnp.uint32),
         stop_ids=jnp.full((s, cfg.max_stop_ids), -1, jnp.int32),
+        min_tokens=zeros_i(),
+        repetition_penalty=jnp.ones((s,), jnp.float32),
+        presence_penalty=jnp.zeros((s,), jnp.float32),
+        frequency_penalty=jnp.zeros((s,), jnp.float32),
+        logprobs=jnp.full((s,), -1, jnp.int32),
+        seen=jnp.zeros((s, model_cfg.vocab_size), bool),
+        counts=jnp.zeros((s, model_cfg.vocab_size), jnp.int32),
     )

@@ -20,7 +20,7 @@ from jaxinfer import allocator
 from jaxinfer.attention import decode_attention, prefill_attention
 from jaxinfer.model import Model, decoder, lm_head
 from jaxinfer.dims import AnyArray
-from jaxinfer.sampling import sample
+from jaxinfer.sampling import process_logits, sample, token_logprobs
 from jaxinfer.state import (
     FINISH_ABORT, FINISH_LENGTH, FINISH_NONE, FINISH_STOP, NULL_PAGE, EngineConfig, EngineState,
 )
@@ -40,6 +40,12 @@ class Requests:
     min_p: Float[AnyArray, "batch"]
     rng: UInt32[AnyArray, "batch 2"]
     stop_ids: Int[AnyArray, "batch max_stops"]
+    min_tokens: Int[AnyArray, "batch"]
+    repetition_penalty: Float[AnyArray, "batch"]
+    presence_penalty: Float[AnyArray, "batch"]
+    frequency_penalty: Float[AnyArray, "batch"]
+    logprobs: Int[AnyArray, "batch"]  # top-k logprobs per generated token; -1 = none
+    prompt_logprobs: Int[AnyArray, "batch"]  # top-k logprobs per prompt token; -1 = none
 
 
 def make_requests(cfg: EngineConfig, prompts, params, request_ids, batch: int, seq: int) -> Requests:
@@ -50,7 +56,9 @@ def make_requests(cfg: EngineConfig, prompts, params, request_ids, batch: int, s
     i32 = lambda v: np.full((batch,), v, np.int32)  # noqa: E731
     r = dict(tokens=tokens, length=i32(0), request_id=i32(-1), max_tokens=i32(1), temperature=f32(0),
              top_k=i32(0), top_p=f32(1), min_p=f32(0), rng=np.zeros((batch, 2), np.uint32),
-             stop_ids=np.full((batch, cfg.max_stop_ids), -1, np.int32))
+             stop_ids=np.full((batch, cfg.max_stop_ids), -1, np.int32), min_tokens=i32(0),
+             repetition_penalty=f32(1), presence_penalty=f32(0), frequency_penalty=f32(0),
+             logprobs=i32(-1), prompt_logprobs=i32(-1))
     for row, (prompt, sp, rid) in enumerate(zip(prompts, params, request_ids)):
         tokens[row, : len(prompt)] = prompt
         r["length"][row], r["request_id"][row], r["max_tokens"][row] = len(prompt), rid, sp.max_tokens
@@ -60,6 +68,10 @@ def make_requests(cfg: EngineConfig, prompts, params, request_ids, batch: int, s
         seed = sp.seed if sp.seed is not None else int(np.random.default_rng().integers(2**32))
         r["rng"][row] = (0, seed)
         r["stop_ids"][row, : len(sp.stop_token_ids)] = sp.stop_token_ids
+        r["min_tokens"][row], r["repetition_penalty"][row] = sp.min_tokens, sp.repetition_penalty
+        r["presence_penalty"][row], r["frequency_penalty"][row] = sp.presence_penalty, sp.frequency_penalty
+        r["logprobs"][row] = -1 if sp.logprobs is None else min(sp.logprobs, cfg.max_logprobs)
+        r["prompt_logprobs"][row] = -1 if sp.prompt_logprobs is None else min(sp.prompt_logprobs, cfg.max_logprobs)
     return Requests(**r)
 
 
@@ -69,6 +81,16 @@ class InsertResult:
     slot: Int[AnyArray, "batch"]  # slot the request went to (max_slots when not accepted)
     token: Int[AnyArray, "batch"]  # first generated token
     finished: Bool[AnyArray, "batch"]
+    # Raw-model logprobs (log_softmax before penalties/temperature; zeros unless some accepted
+    # row asked): the first token's, and the top max_logprobs ids and logprobs.
+    logprob: Float[AnyArray, "batch"]
+    top_ids: Int[AnyArray, "batch max_logprobs"]
+    top_logprobs: Float[AnyArray, "batch max_logprobs"]
+    # Prompt token i's logprob given tokens < i, and the top-k at that position (index 0, which
+    # has no prefix, is 0); zeros unless some accepted row asked for prompt_logprobs.
+    prompt_logprob: Float[AnyArray, "batch seq"]
+    prompt_top_ids: Int[AnyArray, "batch seq max_logprobs"]
+    prompt_top_logprobs: Float[AnyArray, "batch seq max_logprobs"]
 
 
 def _finish(state: EngineState, running, token, cfg: EngineConfig):
@@ -119,7 +141,30 @@ def insert(cfg: EngineConfig, model: Model, state: EngineState, req: Requests) -
     h, (k_pages, v_pages) = decoder(model, req.tokens, pos, attend, (state.k_pages, state.v_pages))
     last = jnp.take_along_axis(h, jnp.maximum(req.length - 1, 0)[:, None, None], axis=1)[:, 0]
     logits = lm_head(model, last)
-    token = sample(logits, req.temperature, req.top_k, req.top_p, req.min_p, req.rng, jnp.zeros((b,), jnp.int32))
+    v = logits.shape[-1]
+    rows = jnp.arange(b)[:, None]
+    # Penalty history of the new requests: the prompt's tokens are seen; no output counts yet.
+    seen = jnp.zeros((b, v), bool).at[rows, jnp.where(in_prompt, req.tokens, v)].set(True, mode="drop")
+    no_counts = jnp.zeros((b, v), jnp.int32)
+    processed = process_logits(logits, jnp.zeros((b,), jnp.int32), req.min_tokens, req.stop_ids, seen, no_counts,
+                               req.repetition_penalty, req.presence_penalty, req.frequency_penalty)
+    token = sample(processed, req.temperature, req.top_k, req.top_p, req.min_p, req.rng, jnp.zeros((b,), jnp.int32))
+    k = cfg.max_logprobs
+    logprob, top_ids, top_logprobs = token_logprobs(logits, token, k, jnp.any(accepted & (req.logprobs >= 0)))
+    seen = seen.at[rows[:, 0], token].set(True)
+    counts = no_counts.at[rows[:, 0], token].set(1)
+
+    def prompt_scores(_):
+        # Full-prompt logits only on this branch: position i's logits score token i + 1.
+        return token_logprobs(lm_head(model, h[:, :-1]), req.tokens[:, 1:], k, jnp.bool_(True))
+
+    def no_scores(_):
+        return (jnp.zeros((b, t - 1), jnp.float32), jnp.zeros((b, t - 1, k), jnp.int32),
+                jnp.zeros((b, t - 1, k), jnp.float32))
+
+    p_lp, p_ids, p_top = jax.lax.cond(jnp.any(accepted & (req.prompt_logprobs >= 0)), prompt_scores, no_scores, None)
+    shift = lambda x: jnp.concatenate([jnp.zeros_like(x[:, :1]), x], axis=1)  # noqa: E731  align to token i
+    p_lp, p_ids, p_top = shift(p_lp), shift(p_ids), shift(p_top)
 
     # Scatter the accepted rows into their slots; rejected rows target slot s and are dropped.
     def put(field, value):
@@ -135,12 +180,19 @@ def insert(cfg: EngineConfig, model: Model, state: EngineState, req: Requests) -
         max_tokens=put(state.max_tokens, req.max_tokens), temperature=put(state.temperature, req.temperature),
         top_k=put(state.top_k, req.top_k), top_p=put(state.top_p, req.top_p), min_p=put(state.min_p, req.min_p),
         rng=put(state.rng, req.rng), stop_ids=put(state.stop_ids, req.stop_ids),
+        min_tokens=put(state.min_tokens, req.min_tokens),
+        repetition_penalty=put(state.repetition_penalty, req.repetition_penalty),
+        presence_penalty=put(state.presence_penalty, req.presence_penalty),
+        frequency_penalty=put(state.frequency_penalty, req.frequency_penalty),
+        logprobs=put(state.logprobs, req.logprobs), seen=put(state.seen, seen), counts=put(state.counts, counts),
     )
     new = jnp.zeros((s,), bool).at[slot].set(True, mode="drop")
     finished, reason = _finish(st, new, st.last_token, cfg)
     st = st.replace(finished=finished, finish_reason=reason)
     done = jnp.take(finished, jnp.minimum(slot, s - 1)) & accepted
-    return st, InsertResult(accepted=accepted, slot=slot, token=token, finished=done)
+    return st, InsertResult(accepted=accepted, slot=slot, token=token, finished=done, logprob=logprob,
+                            top_ids=top_ids, top_logprobs=top_logprobs, prompt_logprob=p_lp,
+                            prompt_top_ids=p_ids, prompt_top_logprobs=p_top)
 
 
 @flax.struct.dataclass
@@ -148,6 +200,10 @@ class DecodeResult:
     # [slots] from decode; [steps, slots] from decode_steps (lax.scan stacks them).
     token: Int[AnyArray, "*steps slots"]
     emitted: Bool[AnyArray, "*steps slots"]  # True where `token` is a new token of a running request
+    # Raw-model logprobs of `token` and the top max_logprobs (zeros unless a running slot asked).
+    logprob: Float[AnyArray, "*steps slots"]
+    top_ids: Int[AnyArray, "*steps slots max_logprobs"]
+    top_logprobs: Float[AnyArray, "*steps slots max_logprobs"]
 
 
 def decode_forward(cfg: EngineConfig, model: Model, state: EngineState) -> tuple[EngineState, Float[Array, "slots vocab"], Bool[Array, "slots"]]:
@@ -198,16 +254,26 @@ def decode_forward(cfg: EngineConfig, model: Model, state: EngineState) -> tuple
 
 
 def decode(cfg: EngineConfig, model: Model, state: EngineState) -> tuple[EngineState, DecodeResult]:
-    """One token for every running slot: `decode_forward`, sample, stop/length detection."""
+    """One token for every running slot: `decode_forward`, logits processing (min_tokens,
+    penalties), sample, logprobs, penalty-history update, stop/length detection."""
     st, logits, running = decode_forward(cfg, model, state)
-    token = sample(logits, st.temperature, st.top_k, st.top_p, st.min_p, st.rng, st.num_generated)
+    processed = process_logits(logits, st.num_generated, st.min_tokens, st.stop_ids, st.seen, st.counts,
+                               st.repetition_penalty, st.presence_penalty, st.frequency_penalty)
+    token = sample(processed, st.temperature, st.top_k, st.top_p, st.min_p, st.rng, st.num_generated)
+    logprob, top_ids, top_logprobs = token_logprobs(logits, token, cfg.max_logprobs,
+                                                    jnp.any(running & (st.logprobs >= 0)))
+    # One scatter per slot; idle slots point out of bounds (column vocab) and are dropped.
+    rows, col = jnp.arange(cfg.max_slots), jnp.where(running, token, logits.shape[-1])
     st = st.replace(
         last_token=jnp.where(running, token, st.last_token),
         num_generated=st.num_generated + running,
+        seen=st.seen.at[rows, col].set(True, mode="drop"),
+        counts=st.counts.at[rows, col].add(1, mode="drop"),
     )
     finished, reason = _finish(st, running, token, cfg)
     st = st.replace(finished=finished, finish_reason=reason)
-    return st, DecodeResult(token=token, emitted=running)
+    return st, DecodeResult(token=token, emitted=running, logprob=logprob, top_ids=top_ids,
+                            top_logprobs=top_logprobs)
 
 
 def decode_steps(cfg: EngineConfig, model: Model, state: EngineState, num_steps: int):
@@ -235,6 +301,13 @@ def evict(cfg: EngineConfig, state: EngineState, mask: Bool[Array, "slots"] | No
         request_id=jnp.where(mask, -1, state.request_id),
         length=jnp.where(mask, 0, state.length),
         num_generated=jnp.where(mask, 0, state.num_generated),
+        # Back to the defaults, so the penalty / logprob lax.conds take their cheap branch
+        # once the requests that used them are gone.
+        min_tokens=jnp.where(mask, 0, state.min_tokens),
+        repetition_penalty=jnp.where(mask, 1.0, state.repetition_penalty),
+        presence_penalty=jnp.where(mask, 0.0, state.presence_penalty),
+        frequency_penalty=jnp.where(mask, 0.0, state.frequency_penalty),
+        logprobs=jnp.where(mask, -1, state.logprobs),
     )
 
 

@@ -11,6 +11,7 @@ from jaxinfer.engine import Engine, RequestOutput, StreamDelta
 from jaxinfer.errors import CheckpointError, ConfigError, InvalidRequestError, JaxinferError
 from jaxinfer.model import Model, forward
 from jaxinfer.presets import PRESETS, get_preset
+from jaxinfer.quant import quantize
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.state import EngineConfig, EngineState, init_state
 from jaxinfer.steps import (
@@ -25,5 +26,5 @@ __all__ = [
     "Model", "forward", "PRESETS", "get_preset", "SamplingParams", "EngineConfig", "EngineState",
     "init_state", "DecodeResult", "InsertResult", "Requests", "decode", "decode_steps", "evict",
     "insert", "make_requests", "ByteTokenizer", "Tokenizer", "load_tokenizer", "dummy_model",
-    "load_model", "save_model",
+    "load_model", "save_model", "quantize",
 ]

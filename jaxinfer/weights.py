@@ -166,9 +166,15 @@ def load_model(path: str | Path, dtype: DTypeLike = "float32", progress: bool | 
     Every tensor's name and shape is checked against config.json before any data is read.
     Tensors are read lazily and written straight into one host buffer per stacked parameter,
     so peak host memory is about one copy of the model. `progress`: a tqdm bar over tensors;
-    None shows it for checkpoints over 100 MiB.
+    None shows it for checkpoints over 100 MiB. A directory written by `scripts/quantize.py`
+    (`jaxinfer.quant.save_quantized`, orbax) loads as saved, without re-quantizing; its arrays
+    keep their stored dtypes.
     """
+    from jaxinfer.quant.orbax_io import is_quantized_orbax, load_quantized_orbax
+
     path = Path(path)
+    if is_quantized_orbax(path):
+        return load_quantized_orbax(path)
     files = _weight_files(path)
     config = load_config(path)
     dtype = _as_dtype(dtype)

@@ -106,31 +106,82 @@ class QuantizedWeight:
         return jnp.einsum("...i,io->...o", x.astype(jnp.float32), w, preferred_element_type=jnp.float32)
 
     def _llm_int8_matmul(self, x: Float[Array, "*b k"]) -> Float[Array, "*b n"]:
-        """bitsandbytes LLM.int8 (MatMul8bitLt at inference, its default CPU kernels).
+        """bitsandbytes LLM.int8 (MatMul8bitLt at inference, its default CPU kernels), bit for bit.
 
         Activations are cast to float16; elements with |x| >= threshold are outliers and every
         column holding one goes through a float32 matmul with the dequantized weight columns.
         The rest is quantized row-wise (absmax over the non-outlier elements) to int8 and
         multiplied with the int8 weight in int32, rescaled by row_absmax * SCB / 127**2.
+
+        The float32 operations follow bitsandbytes' own evaluation order, because its forward
+        pass is chaotic at the rounding level (one code rounded the other way in one layer moves
+        the logits by ~1/3 of the whole int8-vs-fp32 difference):
+        - the row scale is torch's `127.0 / row_stats`, i.e. reciprocal(row_stats) * 127;
+        - the outlier weight columns are (CB * SCB) * (1/127);
+        - the outlier product is a sequential fused multiply-add over the outlier columns in
+          ascending order (what the BLAS sgemm does for a handful of columns), added to the int8
+          part afterwards (torch's `addmm`).
         """
         k, n = self.shape
         lead = x.shape[:-1]
-        a = x.reshape(-1, k)
+        a = x.reshape(-1, k).astype(jnp.float32)
         rows = a.shape[0]
         a16 = a.astype(jnp.float16)
         outliers = jnp.abs(a16) >= self.threshold
         cols = jnp.any(outliers, axis=0)  # [K]
         inliers = jnp.where(outliers, jnp.float16(0), a16).astype(jnp.float32)
         row_stats = jnp.max(jnp.abs(inliers), axis=-1)  # [rows] float32
-        inv = jnp.where(row_stats > 0, 127.0 / row_stats, 0.0)
+        inv = jnp.where(row_stats > 0, (1.0 / row_stats) * 127.0, 0.0)
         ca = jnp.round(inliers * inv[:, None]).astype(jnp.int8)
         if rows > 1:
             ca = jnp.where(cols[None, :], jnp.int8(0), ca)
         cb = (self.codes.astype(jnp.int32) - self.zeros.astype(jnp.int32)).astype(jnp.int8)  # [K, N]
         acc = jax.lax.dot_general(ca, cb, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-        scb = self.scales[0].astype(jnp.float32) * 127.0  # scales hold SCB / 127
+        # scales hold SCB * float32(1/127), which does not always multiply back to SCB exactly.
+        # bitsandbytes' SCB is the absmax of a float16 weight row (it quantizes W.to(float16)), so
+        # the float16 value whose scale is the stored one is SCB bit for bit; other scales (not
+        # from bnb) use scales * 127.
+        scales = self.scales[0].astype(jnp.float32)
+        scb = scales * 127.0
+        scb16 = scb.astype(jnp.float16).astype(jnp.float32)
+        scb = jnp.where(scb16 * jnp.float32(_INV_127) == scales, scb16, scb)
         out = acc.astype(jnp.float32) * (row_stats[:, None] * scb[None, :]) * jnp.float32(_INV_127_SQ)
-        sub_b = cb.astype(jnp.float32) * (scb * jnp.float32(_INV_127))[None, :]
-        sub_a = jnp.where(cols[None, :], a.astype(jnp.float32), 0.0)
-        out = out + jnp.dot(sub_a, sub_b, preferred_element_type=jnp.float32)
-        return out.reshape(*lead, n)
+
+        # The outlier columns in ascending order, then a loop over just those.
+        order = jnp.argsort(jnp.logical_not(cols), stable=True).astype(jnp.int32)
+        count = jnp.sum(cols, dtype=jnp.int32)
+
+        def body(carry):
+            j, acc, out = carry
+            c = order[j]
+            a_col = jax.lax.dynamic_index_in_dim(a, c, axis=1, keepdims=True)  # [rows, 1]
+            b_row = jax.lax.dynamic_index_in_dim(cb, c, axis=0, keepdims=True).astype(jnp.float32)
+            b_row = (b_row * scb[None, :]) * jnp.float32(_INV_127)  # [1, N]
+            # `out` rides through the loop, unchanged but not visibly so (j >= 0 always), which
+            # keeps its last multiply out of the fusion with the add below: XLA:CPU would contract
+            # the two into one FMA (an optimization_barrier is expanded away before fusion).
+            return j + 1, _fma(a_col, b_row, acc), jnp.where(j < 0, acc, out)
+
+        init = (jnp.int32(0), jnp.zeros((rows, n), jnp.float32), out)
+        _, sub, out = jax.lax.while_loop(lambda c: c[0] < count, body, init)
+        return (out + sub).reshape(*lead, n)
+
+
+def _split(v: Array) -> tuple[Array, Array]:
+    # Veltkamp split of a float32 into two halves whose products are exact.
+    t = v * jnp.float32(4097.0)
+    hi = t - (t - v)
+    return hi, v - hi
+
+
+def _fma(a: Array, b: Array, c: Array) -> Array:
+    """float32 a * b + c rounded once (as a hardware FMA), from error-free transformations, so
+    the result does not depend on whether the backend contracts multiply-adds."""
+    p = a * b
+    ah, al = _split(a)
+    bh, bl = _split(b)
+    err = ((ah * bh - p) + ah * bl + al * bh) + al * bl  # a * b - p, exactly
+    s = p + c
+    bb = s - p
+    e = (p - (s - bb)) + (c - bb)  # p + c - s, exactly
+    return s + (e + err)

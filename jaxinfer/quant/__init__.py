@@ -9,7 +9,7 @@ quantizes a dense model offline (int8, int4, nf4, gptq, llm_int8; see quantize.p
 from jaxinfer.quant.load import check_quantized, load_quantized, quant_tensor_specs
 from jaxinfer.quant.orbax_io import is_quantized_orbax, load_quantized_orbax, save_quantized
 from jaxinfer.quant.quantize import METHODS, quantize
-from jaxinfer.quant.weight import KINDS, QuantizedWeight
+from jaxinfer.quant.weight import KINDS, MATMUL_BACKENDS, QuantizedWeight, with_matmul_backend
 
-__all__ = ["KINDS", "METHODS", "QuantizedWeight", "check_quantized", "is_quantized_orbax", "load_quantized",
+__all__ = ["KINDS", "MATMUL_BACKENDS", "METHODS", "QuantizedWeight", "with_matmul_backend", "check_quantized", "is_quantized_orbax", "load_quantized",
            "load_quantized_orbax", "quant_tensor_specs", "quantize", "save_quantized"]

@@ -38,6 +38,9 @@ _INV_127 = 7.874015718698502e-3
 _INV_127_SQ = 6.200124e-05
 
 
+MATMUL_BACKENDS = ("auto", "reference", "interpret")
+
+
 @flax.struct.dataclass
 class QuantizedWeight:
     """A quantized [*layers, K, N] linear weight; see the module docstring for the layout."""
@@ -51,6 +54,10 @@ class QuantizedWeight:
     group_size: int = flax.struct.field(pytree_node=False, default=128)
     kind: str = flax.struct.field(pytree_node=False, default="affine")
     threshold: float = flax.struct.field(pytree_node=False, default=0.0)  # llm_int8 only
+    # Matmul implementation: "auto" = the Pallas kernel on a Hopper GPU where it supports the
+    # format (bits 4/8, no act-order, kernel group sizes), else the jnp reference; "reference";
+    # "interpret" = the kernel in Mosaic GPU interpret mode (CPU tests). See `with_matmul_backend`.
+    backend: str = flax.struct.field(pytree_node=False, default="auto")
 
     @property
     def in_features(self) -> int:
@@ -102,8 +109,37 @@ class QuantizedWeight:
             raise ValueError(f"matmul needs one layer's weight, got stacked shape {self.shape}")
         if self.kind == "llm_int8" and self.threshold > 0:
             return self._llm_int8_matmul(x)
+        kernel = self._kernel_matmul(x)
+        if kernel is not None:
+            return kernel
         w = self.dequantize()
         return jnp.einsum("...i,io->...o", x.astype(jnp.float32), w, preferred_element_type=jnp.float32)
+
+    def _kernel_matmul(self, x: Float[Array, "*b k"]) -> Float[Array, "*b n"] | None:
+        """The dequantize-in-kernel Pallas matmul, or None where the reference must run."""
+        if self.backend not in MATMUL_BACKENDS:
+            raise ValueError(f"QuantizedWeight.backend {self.backend!r} is not one of {MATMUL_BACKENDS}")
+        if self.backend == "reference" or self.kind != "affine" or self.g_idx is not None:
+            return None
+        if self.backend == "auto":
+            device = jax.devices()[0]
+            if device.platform != "gpu" or getattr(device, "compute_capability", None) != "9.0":
+                return None
+        from pallas_kernels.quant_matmul import check_quant_matmul_inputs, quant_matmul
+
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype not in (jnp.bfloat16, jnp.float16):
+            x2 = x2.astype(jnp.bfloat16)  # the kernel's activation dtypes
+        try:
+            check_quant_matmul_inputs(x2, self.codes, self.scales, self.zeros, bits=self.bits,
+                                      group_size=self.group_size)
+        except (ValueError, NotImplementedError):
+            if self.backend == "interpret":
+                raise  # asked for the kernel explicitly: say why it cannot run
+            return None
+        out = quant_matmul(x2, self.codes, self.scales, self.zeros, bits=self.bits, group_size=self.group_size,
+                           interpret=self.backend == "interpret")
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def _llm_int8_matmul(self, x: Float[Array, "*b k"]) -> Float[Array, "*b n"]:
         """bitsandbytes LLM.int8 (MatMul8bitLt at inference, its default CPU kernels), bit for bit.
@@ -185,3 +221,11 @@ def _fma(a: Array, b: Array, c: Array) -> Array:
     bb = s - p
     e = (p - (s - bb)) + (c - bb)  # p + c - s, exactly
     return s + (e + err)
+
+
+def with_matmul_backend(params, backend: str):
+    """A copy of a params PyTree (or a Model) with every QuantizedWeight's matmul backend set."""
+    if backend not in MATMUL_BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of {MATMUL_BACKENDS}")
+    return jax.tree.map(lambda w: w.replace(backend=backend) if isinstance(w, QuantizedWeight) else w, params,
+                        is_leaf=lambda w: isinstance(w, QuantizedWeight))

@@ -478,7 +478,7 @@ def plot_all(out: dict, plot_dir: Path) -> list[str]:
             ax.set_title(f"{label} CDF" + (" (gaps in one host sync = 0)" if key == "itl" else ""), fontsize=10)
             ax.set_ylim(0, 1.02)
             ax.grid(alpha=0.3)
-            ax.legend(loc="lower right")
+            ax.legend(loc="best")
         fig.suptitle(f"Latency CDFs, {phase}: {title}", fontsize=11)
         fig.tight_layout()
         name = f"latency_cdf_{phase.split(' ')[0]}.png"
@@ -499,7 +499,8 @@ def plot_all(out: dict, plot_dir: Path) -> list[str]:
         ax.set_ylabel("output tokens / s")
         ax.set_title(f"Offline output throughput vs slots\n{base}, decode_steps={e['decode_steps']}", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.set_ylim(0, None)
+        ax.legend(loc="best")
         fig.tight_layout()
         fig.savefig(plot_dir / "throughput_vs_slots.png", dpi=120)
         plt.close(fig)
@@ -508,6 +509,16 @@ def plot_all(out: dict, plot_dir: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- main
+def save(out: dict, args, log, plots: bool = True) -> None:
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1))
+        log(f"wrote {args.json}")
+    if args.plots and plots:
+        files = plot_all(out, Path(args.plots))
+        log(f"wrote {', '.join(str(Path(args.plots) / f) for f in files)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group()
@@ -542,11 +553,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="one extra, instrumented continuous offline run: time in insert / decode_steps / evict "
                          "(each blocked on) and on the host")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    ap.add_argument("--replot", metavar="JSON", help="only redraw --plots from an earlier --json file")
     return ap
 
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.replot:
+        out = json.loads(Path(args.replot).read_text())
+        files = plot_all(out, Path(args.plots or Path(args.replot).parent))
+        print(f"wrote {', '.join(files)}")
+        return out
     modes = [m for m in args.modes.split(",") if m]
     for m in modes:
         if m not in ("continuous", "static"):
@@ -640,15 +657,29 @@ def main(argv=None) -> dict:
     out["ratios"] = {f"{a} / {b}": off[a] / off[b] for a in off for b in off
                      if a != b and (b == "hf" or (a, b) == ("continuous", "static"))}
 
+    for by_mode in results.values():
+        for r in by_mode.values():
+            r.pop("tokens")
+    print_tables(results, log)
+    log(f"\nratios (offline output tok/s): " + ", ".join(f"{k} = {v:.2f}x" for k, v in out["ratios"].items()))
+    log("agreement of greedy outputs: " + ", ".join(
+        f"{k}: {v['identical_requests']:.0%} identical" for k, v in out["agreement"].items()))
+    comp = out["compilations_during_timed_runs"]
+    log(f"JAX compilations during timed runs: {sum(comp.values())} (warm-up excluded compilation from timing)")
+    save(out, args, log)  # the main results are safe before the (long) sweep starts
+
     if sweep:
         out["sweep"] = []
         # hf in the sweep runs with the thread count that won the main comparison
         sweep_threads = [results["offline"]["hf"]["metrics"]["threads"]] if hf_model is not None else []
         for s in sweep:
+            # XLA:CPU keeps ~400 memory mappings per compiled executable; one process compiling
+            # every bucket of several engine shapes exceeds vm.max_map_count (65530) and aborts
+            # ("LLVM ERROR: Unable to allocate section memory"), so drop the compiled code first.
+            jax.clear_caches()
             row: dict = {"slots": s, "output_throughput": {}}
             skw = engine_kwargs(args, s, max_seq_len)
-            if s != args.slots:
-                warm_up(model, skw, max(wl.input_lens), lambda m: log(f"[sweep slots={s}] {m}"))
+            warm_up(model, skw, max(wl.input_lens), lambda m: log(f"[sweep slots={s}] {m}"))
             c0 = jit_cache_sizes()
             point: dict = collections.defaultdict(list)
             for rep in range(args.sweep_repeat):
@@ -665,23 +696,8 @@ def main(argv=None) -> dict:
                 row["hf_threads"] = med["hf"]["metrics"]["threads"]
             log(f"[sweep slots={s}] output tok/s: " + ", ".join(f"{k} {v:.1f}" for k, v in row["output_throughput"].items()))
             out["sweep"].append(row)
-
-    for by_mode in results.values():
-        for r in by_mode.values():
-            r.pop("tokens")
-    print_tables(results, log)
-    log(f"\nratios (offline output tok/s): " + ", ".join(f"{k} = {v:.2f}x" for k, v in out["ratios"].items()))
-    log("agreement of greedy outputs: " + ", ".join(
-        f"{k}: {v['identical_requests']:.0%} identical" for k, v in out["agreement"].items()))
-    comp = out["compilations_during_timed_runs"]
-    log(f"JAX compilations during timed runs: {sum(comp.values())} (warm-up excluded compilation from timing)")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1))
-        log(f"wrote {args.json}")
-    if args.plots:
-        files = plot_all(out, Path(args.plots))
-        log(f"wrote {', '.join(str(Path(args.plots) / f) for f in files)}")
+            save(out, args, log, plots=False)
+        save(out, args, log)
     return out
 
 

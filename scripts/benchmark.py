@@ -632,15 +632,21 @@ def main(argv=None) -> dict:
     if online:
         runs[online] = collections.defaultdict(list)
     cache0 = jit_cache_sizes()
+    def timed(phase: str, key: str, run: dict) -> None:
+        runs[phase][key].append(run)
+        m = run["metrics"]
+        log(f"  run {len(runs[phase][key])}/{args.repeat} {phase} {key}: {m['duration_s']:.2f} s, "
+            f"{m['output_throughput']:.1f} output tok/s")
+
     for rep in range(args.repeat):  # interleaved, so slow phases of a noisy machine hit every mode
         tag = f" #{rep + 1}" if args.repeat > 1 else ""
         for mode in modes:
-            runs["offline"][mode].append(run_engine(model, kw, mode, offline_wl, progress, f"{mode} offline{tag}"))
+            timed("offline", mode, run_engine(model, kw, mode, offline_wl, progress, f"{mode} offline{tag}"))
         for th in threads if hf_model is not None else ():
-            runs["offline"][f"hf@{th}"].append(run_hf(hf_model, offline_wl, hf_batch, th, progress, f"hf offline{tag}"))
+            timed("offline", f"hf@{th}", run_hf(hf_model, offline_wl, hf_batch, th, progress, f"hf@{th} offline{tag}"))
         if online:
             for mode in modes:
-                runs[online][mode].append(run_engine(model, kw, mode, wl, progress, f"{mode} online{tag}"))
+                timed(online, mode, run_engine(model, kw, mode, wl, progress, f"{mode} online{tag}"))
     cache1 = jit_cache_sizes()
     out["compilations_during_timed_runs"] = {k: cache1[k] - cache0[k] for k in cache1}
     results = {phase: {mode: median_run(rs) for mode, rs in by_mode.items()} for phase, by_mode in runs.items()}

@@ -107,3 +107,66 @@ def decode_attention(
                                  scale=hd**-0.5, interpret=backend == "interpret")
         return out[..., :hd]
     return pa.paged_attention_reference(q, k_pages, v_pages, page_table, lengths, sliding_window=sliding_window)
+
+
+def chunk_attention_reference(
+    q: Float[Array, "batch seq q_heads head_dim"],
+    k_pages: Float[Array, "pages page_size kv_heads head_dim"],
+    v_pages: Float[Array, "pages page_size kv_heads head_dim"],
+    page_table: Int[Array, "batch pages_per_seq"],
+    start: Int[Array, "batch"],
+    *,
+    sliding_window: int | None = None,
+) -> Float[Array, "batch seq q_heads head_dim"]:
+    """A prefill chunk against the paged pool: query i of row b sits at position start[b] + i and
+    attends causally to every position <= its own in the row's pages (the cached prefix plus
+    the chunk, whose K/V were written first). Float32 softmax; masked with `where`, so whatever
+    lies in pages beyond the query's position (stale data, NaN) cannot leak. Rows past a chunk's
+    valid length produce values the caller ignores.
+
+    Gathers the row's whole page table (max_seq_len positions): the plain-jnp path for prefix-cache
+    continuations and chunked prefill on every backend (there is no paged-prefill kernel yet).
+    """
+    b, t, hq, d = q.shape
+    kvh = k_pages.shape[2]
+    g = hq // kvh
+    k = k_pages[page_table].reshape(b, -1, kvh, d)  # [b, S, kvh, d]
+    v = v_pages[page_table].reshape(b, -1, kvh, d)
+    qpos = start[:, None] + jnp.arange(t)[None, :]  # [b, t]
+    kpos = jnp.arange(k.shape[1])
+    allowed = kpos[None, None, :] <= qpos[:, :, None]  # [b, t, S]
+    if sliding_window is not None:
+        allowed &= qpos[:, :, None] - kpos[None, None, :] < sliding_window
+    qg = q.reshape(b, t, kvh, g, d).astype(jnp.float32)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32)) * d**-0.5
+    s = jnp.where(allowed[:, None, None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    p = jnp.where(allowed[:, None, None], p, 0.0)
+    o = jnp.einsum("bkgts,bskd->btkgd", p, jnp.where(jnp.isfinite(v), v, 0).astype(jnp.float32))
+    return o.reshape(b, t, hq, d).astype(q.dtype)
+
+
+def chunk_attention(
+    q: Float[Array, "batch seq q_heads head_dim"],
+    k: Float[Array, "batch seq kv_heads head_dim"],
+    v: Float[Array, "batch seq kv_heads head_dim"],
+    k_pages: Float[Array, "pages page_size kv_heads head_dim"],
+    v_pages: Float[Array, "pages page_size kv_heads head_dim"],
+    page_table: Int[Array, "batch pages_per_seq"],
+    start: Int[Array, "batch"],
+    n: Int[Array, "batch"],
+    *,
+    sliding_window: int | None = None,
+    backend: str = "auto",
+) -> Float[Array, "batch seq q_heads head_dim"]:
+    """Attention for a prefill chunk at positions [start, start + n) of each row, whose K/V are
+    `k`, `v` (already written to the pages too). When every row starts at 0 (no cached prefix,
+    first chunk) this is plain causal prefill over the chunk and runs `prefill_attention` (the
+    flash kernel where it applies); otherwise the paged reference above."""
+    def fresh(_):
+        return prefill_attention(q, k, v, lengths=n, sliding_window=sliding_window, backend=backend)
+
+    def paged(_):
+        return chunk_attention_reference(q, k_pages, v_pages, page_table, start, sliding_window=sliding_window)
+
+    return jax.lax.cond(jnp.all(start == 0), fresh, paged, None)

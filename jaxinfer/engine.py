@@ -1,25 +1,30 @@
-"""Host side: a request queue in front of the pure steps (continuous or static batching).
+"""Host side: a scheduler in front of the pure steps (continuous or static batching).
 
 One `Engine.step()`:
-1. admit waiting requests FIFO while a slot is free and the pool can hold the request's worst
-   case (prompt + max_tokens pages; so decode never runs out of pages and nothing is
-   preempted), and prefill them with one `insert` padded to a (batch, length) bucket,
-2. run `decode_steps` decode steps on device,
-3. fetch the insert and decode outputs in ONE device-to-host transfer and hand out tokens,
-4. match stop strings on the detokenized text (host side; a match finishes the request with
-   "stop", its text cut right before the stop string and later tokens dropped),
-5. evict the slots that finished on device or by a stop string (one jitted call with a slot
-   mask, dispatched without waiting).
-In "static" mode step 2 only admits when every slot is empty (fill a batch, run it out).
+1. read the pool's free-page count (one small device->host transfer),
+2. preempt: if the running slots' next `decode_steps` tokens could need more pages than are
+   free, evict the newest requests (LIFO) and queue them again at the front; a resumed request
+   re-prefills prompt + output so far (mostly prefix-cache hits) and continues exactly where it
+   stopped (same RNG step, penalties, max_tokens),
+3. admit waiting requests FIFO while slots and pages allow (`admit`: prefix-cache lookup, one
+   more small transfer to learn how much of each prompt was cached); a request sharing its
+   first page with one admitted in the same step waits a step, so it can reuse those pages,
+4. prefill one chunk per prefilling slot (`prefill_chunk` tokens, or the whole rest),
+5. fork the samples of `n > 1` requests whose prefill just finished (copy-on-write),
+6. run `decode_steps` decode steps on device,
+7. fetch every output in ONE device-to-host transfer, hand out tokens, match stop strings on
+   the detokenized text, and evict finished slots (dispatched without waiting).
+In "static" mode step 3 only admits when every slot is empty (fill a batch, run it out).
 
-Compilations: `insert` once per (batch bucket, prefill bucket) pair actually used, `decode_steps`
-and `evict` once each. Nothing else touches the device from the host loop.
+Compilations: `admit` and `prefill` once per (batch bucket, length bucket) pair actually used,
+`fork`, `decode_steps`, `evict` and the free-page count once each.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import time
 import typing
 from typing import Iterable, Iterator, Sequence
@@ -32,42 +37,63 @@ from jaxinfer.errors import InvalidRequestError
 from jaxinfer.model import Model
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.state import FINISH_REASONS, EngineConfig, init_state
-from jaxinfer.steps import decode_steps_jit, evict_jit, insert_jit, make_requests
+from jaxinfer.steps import (
+    Chunk, admit_jit, decode_steps_jit, evict_jit, fork_jit, make_requests, num_free_pages_jit, prefill_jit,
+    sample_key,
+)
 
 MODES = ("continuous", "static")
 
 
 @dataclasses.dataclass
-class RequestOutput:
-    request_id: int
-    prompt_token_ids: list[int]
-    token_ids: list[int]  # generated ids only; a stop token that ended the request is included
+class SampleOutput:
+    """One of a request's `n` samples."""
+
+    index: int
+    token_ids: list[int]  # generated ids only; a stop token that ended the sample is included
     text: str | None  # None without a tokenizer; special tokens are not rendered
-    finish_reason: str | None  # "stop", "length", "abort" (pool exhausted), None while running
+    finish_reason: str | None  # "stop", "length", "abort", None while running
     token_times: list[float] = dataclasses.field(default_factory=list)  # perf_counter per token
     # With SamplingParams.logprobs=k: per generated token {token_id: logprob} for the token
     # itself and the top k, of the raw model distribution (before penalties / temperature).
     logprobs: list[dict[int, float]] | None = None
-    # With prompt_logprobs=k: per prompt token the same, given the tokens before it (None for
-    # the first, which has no prefix).
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """A request's result. `token_ids`, `text`, `finish_reason`, `token_times`, `logprobs` are
+    sample 0's (the only one unless SamplingParams.n > 1); `samples` holds all n."""
+
+    request_id: int
+    prompt_token_ids: list[int]
+    samples: list[SampleOutput]
+    # With prompt_logprobs=k: per prompt token the same as logprobs, given the tokens before it
+    # (None for the first, which has no prefix).
     prompt_logprobs: list[dict[int, float] | None] | None = None
+
+    token_ids = property(lambda self: self.samples[0].token_ids)
+    text = property(lambda self: self.samples[0].text)
+    finish_reason = property(lambda self: self.samples[0].finish_reason)
+    token_times = property(lambda self: self.samples[0].token_times)
+    logprobs = property(lambda self: self.samples[0].logprobs)
 
     @property
     def finished(self) -> bool:
-        return self.finish_reason is not None
+        return all(s.finish_reason is not None for s in self.samples)
 
 
 @dataclasses.dataclass
 class StreamDelta:
-    """New output of one request since its previous delta."""
+    """New output of one sample of one request since its previous delta."""
 
     index: int  # position of the request in the generate/stream call (request_id for add_request)
     request_id: int
     token_ids: list[int]
     text: str
-    finish_reason: str | None
+    finish_reason: str | None  # of this sample
     time: float  # perf_counter when the tokens reached the host
     logprobs: list[dict[int, float]] | None = None  # one per token in token_ids, with logprobs=k
+    sample: int = 0  # which of the request's n samples
 
 
 @dataclasses.dataclass
@@ -76,14 +102,32 @@ class _Request:
     prompt: list[int]
     params: SamplingParams
     stop_ids: tuple[int, ...]
-    reserve: int  # pages reserved for the worst case
     out: RequestOutput
+    seqs: list["_Seq"] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(eq=False)
+class _Seq:
+    """One sample of a request: the unit the scheduler places in a slot."""
+
+    req: _Request
+    index: int
+    out: SampleOutput
     detok: object | None
+    slot: int | None = None
+    order: int = 0  # admission counter: larger = newer (preemption victims first)
+    prefill_pos: int = 0  # prompt tokens in the pool (host mirror, exact)
+    prefill_len: int = 0
+    tokens: list[int] = dataclasses.field(default_factory=list)  # what admit got: prompt (+ output when resumed)
+    forks: list["_Seq"] = dataclasses.field(default_factory=list)  # samples to fork after prefill (index 0 only)
     pending: list[int] = dataclasses.field(default_factory=list)
-    pending_text: str = ""
     pending_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
     stopped: bool = False  # a stop string matched: later tokens are dropped, the slot is freed
     sent: int = 0  # characters of out.text already handed out in deltas
+
+    @property
+    def finished(self) -> bool:
+        return self.out.finish_reason is not None
 
 
 class Engine:
@@ -95,6 +139,9 @@ class Engine:
     Prompts are token-id lists (used as given) or strings (need `tokenizer`; BOS is prepended
     when the tokenizer does not add it and `add_bos`). `decode_steps` decode steps run on device
     per host sync. `mode="static"` admits new requests only when every slot is empty.
+    `prefill_chunk`: at most this many prompt tokens per slot per step (chunked prefill: a long
+    prompt no longer stalls the running requests for its whole prefill); None = whole prompts.
+    `prefix_caching`: reuse the KV pages of cached prompt prefixes.
     """
 
     def __init__(
@@ -115,28 +162,35 @@ class Engine:
         mode: str = "continuous",
         seed: int | None = None,
         add_bos: bool = True,
+        prefill_chunk: int | None = None,
+        prefix_caching: bool = True,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk must be None or an integer >= 1, got {prefill_chunk!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.add_bos = add_bos
         self.mode = mode
+        self.prefill_chunk = prefill_chunk
         self.cfg = EngineConfig(
             max_slots=max_slots, page_size=page_size, num_pages=num_pages, max_seq_len=max_seq_len,
             prefill_buckets=tuple(prefill_buckets), max_prefill_batch=max_prefill_batch,
             max_stop_ids=max_stop_ids, decode_steps=decode_steps, attention_backend=attention_backend,
-            max_logprobs=max_logprobs,
+            max_logprobs=max_logprobs, prefix_caching=prefix_caching,
         )
         self.state = init_state(self.cfg, model.config, model.dtype)
         self.eos_ids = tuple(
             tokenizer.eos_ids if tokenizer is not None and tokenizer.eos_ids else model.config.eos_token_ids
         )
         self._seeds = np.random.default_rng(seed)
-        self._waiting: collections.deque[_Request] = collections.deque()
-        self._slots: list[_Request | None] = [None] * max_slots
-        self._reserved = 0
+        self._waiting: collections.deque[_Seq] = collections.deque()
+        self._slots: list[_Seq | None] = [None] * max_slots
         self._next_id = 0
+        self._order = itertools.count()
+        self._counters = collections.Counter()
+        self._lengths = np.zeros(max_slots, np.int32)
 
     # ------------------------------------------------------------------ requests
     def _tokenize(self, prompt) -> list[int]:
@@ -177,153 +231,316 @@ class Engine:
                 f"prompt has {len(ids)} tokens; max_seq_len {cfg.max_seq_len} leaves room for prompts of "
                 f"at most {cfg.max_seq_len - 1} tokens (one position is needed for a generated token)"
             )
+        if params.n > cfg.max_slots:
+            raise InvalidRequestError(f"SamplingParams.n = {params.n} exceeds the engine's max_slots ({cfg.max_slots})")
         stop_ids = tuple(dict.fromkeys([*(() if params.ignore_eos else self.eos_ids), *params.stop_token_ids]))
         if len(stop_ids) > cfg.max_stop_ids:
             raise InvalidRequestError(
                 f"{len(stop_ids)} stop token ids (EOS included) exceed max_stop_ids={cfg.max_stop_ids}"
             )
-        reserve = cfg.pages_for(min(len(ids) + params.max_tokens, cfg.max_seq_len))
-        if reserve > cfg.num_pages - 1:
+        # One sample must fit the pool on its own (then preempting everything newer always lets
+        # the oldest request progress), and all n samples must be admissible together.
+        last = min(len(ids) - 1 + params.max_tokens, cfg.max_seq_len)
+        g = max(0, cfg.pages_for(min(len(ids) - 1 + cfg.decode_steps, last)) - cfg.pages_for(len(ids)))
+        worst = max(cfg.pages_for(last), cfg.pages_for(len(ids)) + g + (params.n - 1) * (1 + g))
+        if worst > cfg.num_pages - 1:
             raise InvalidRequestError(
-                f"request needs up to {reserve} pages (prompt {len(ids)} + max_tokens {params.max_tokens}) but "
-                f"the pool has {cfg.num_pages - 1}; lower max_tokens or raise num_pages"
+                f"request needs up to {worst} pages (prompt {len(ids)} + max_tokens {params.max_tokens}, "
+                f"n={params.n}) but the pool has {cfg.num_pages - 1}; lower max_tokens or raise num_pages"
             )
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError("SamplingParams.stop (stop strings) needs a tokenizer: Engine(tokenizer=...)")
         if params.seed is None:
             params = dataclasses.replace(params, seed=int(self._seeds.integers(0, 2**32)))
         params = dataclasses.replace(params, stop_token_ids=stop_ids)
         rid = self._next_id
         self._next_id += 1
-        detok = self.tokenizer.detokenizer(ids) if self.tokenizer is not None else None
-        if params.stop and detok is None:
-            raise InvalidRequestError("SamplingParams.stop (stop strings) needs a tokenizer: Engine(tokenizer=...)")
-        out = RequestOutput(rid, ids, [], "" if detok is not None else None, None,
-                            logprobs=[] if params.logprobs is not None else None)
-        return _Request(rid, ids, params, stop_ids, reserve, out, detok)
+        out = RequestOutput(rid, ids, [])
+        req = _Request(rid, ids, params, stop_ids, out)
+        for i in range(params.n):
+            so = SampleOutput(i, [], "" if self.tokenizer is not None else None, None,
+                              logprobs=[] if params.logprobs is not None else None)
+            out.samples.append(so)
+            detok = self.tokenizer.detokenizer(ids) if self.tokenizer is not None else None
+            req.seqs.append(_Seq(req, i, so, detok))
+        req.seqs[0].forks = req.seqs[1:]
+        return req
 
     @typing.no_type_check  # explicit validation below gives the user a specific message
     def add_request(self, prompt, params: SamplingParams | None = None) -> int:
         """Queue one request; returns its id. Bad input raises InvalidRequestError and leaves the
         engine (and every other request) untouched."""
         req = self._check(prompt, params if params is not None else SamplingParams())
-        self._waiting.append(req)
+        self._waiting.append(req.seqs[0])
         return req.rid
 
     def has_unfinished(self) -> bool:
         return bool(self._waiting) or any(r is not None for r in self._slots)
 
     # ------------------------------------------------------------------ scheduling
-    def _admit(self) -> list[_Request]:
+    def _growth(self, seq: _Seq, length: int, ntok: int) -> int:
+        """Pages `seq` may allocate in the next decode_steps tokens (an upper bound): it holds
+        pages for max(ntok, length) positions (admit allocates the whole prompt) and writes
+        positions from max(length, ntok - 1), never past prompt - 1 + max_tokens."""
         cfg = self.cfg
-        free = [i for i, r in enumerate(self._slots) if r is None]
-        if self.mode == "static" and len(free) < cfg.max_slots:
+        start = max(length, ntok - 1)
+        end = min(start + cfg.decode_steps, len(seq.req.prompt) - 1 + seq.req.params.max_tokens, cfg.max_seq_len)
+        return max(0, cfg.pages_for(end) - cfg.pages_for(max(ntok, length)))
+
+    def _admission_cost(self, seq: _Seq, ntok: int, samples: int) -> int:
+        """Pages an admission can take this step: the prompt's (no cache hit assumed), each
+        extra sample's copied page, and every sample's decode growth."""
+        g = self._growth(seq, 0, ntok)
+        return self.cfg.pages_for(ntok) + g + (samples - 1) * (1 + g)
+
+    def _need(self) -> int:
+        """Pages the occupied slots may allocate this step (forks included)."""
+        need = 0
+        for s, seq in enumerate(self._slots):
+            if seq is None:
+                continue
+            if seq.slot is None:  # reserved for a fork: one copied page + its own decode
+                need += 1 + self._growth(seq, 0, len(seq.tokens))
+            else:
+                need += self._growth(seq, int(self._lengths[s]), len(seq.tokens))
+        return need
+
+    def _preempt(self, free: int) -> int:
+        """Evict the newest slots until the running ones' next chunk fits; returns the new
+        free-page count."""
+        while self._need() > free:
+            live = [q for q in self._slots if q is not None and q.slot is not None]
+            if not live:
+                break
+            victim = max(live, key=lambda q: q.order)
+            mask = np.zeros(self.cfg.max_slots, bool)
+            group = [victim]
+            if victim.index == 0 and victim.forks and any(f.slot is None for f in victim.forks):
+                group += [f for f in victim.forks if f.slot is None]  # not forked yet: requeue the whole request
+            for q in group:
+                for s, occupant in enumerate(self._slots):
+                    if occupant is q:
+                        self._slots[s] = None
+                        mask[s] = q.slot is not None
+                q.slot = None
+            self.state = evict_jit(self.cfg, self.state, jnp.asarray(mask))
+            self._counters["preemptions"] += 1
+            self._waiting.appendleft(victim)  # the oldest waiting work: resumed first
+            free = int(num_free_pages_jit(self.state))
+        return free
+
+    def _admit(self, free: int) -> list[_Seq]:
+        cfg = self.cfg
+        free_slots = [i for i, r in enumerate(self._slots) if r is None]
+        if self.mode == "static" and len(free_slots) < cfg.max_slots:
             return []
-        batch: list[_Request] = []
-        while self._waiting and len(batch) < min(len(free), cfg.max_prefill_batch):
-            req = self._waiting[0]
-            if self._reserved + req.reserve > cfg.num_pages - 1:
+        budget = free - self._need()
+        batch: list[_Seq] = []
+        first_pages: set[tuple] = set()
+        deferred = []
+        while self._waiting and len(batch) < cfg.max_prefill_batch:
+            seq = self._waiting[0]
+            tokens = self._resume_tokens(seq)
+            samples = 1 + len([f for f in seq.forks if f.slot is None]) if seq.index == 0 and not seq.out.token_ids else 1
+            if samples > len(free_slots):
+                break
+            cost = self._admission_cost(seq, len(tokens), samples)
+            if cost > budget:
                 break  # FIFO: wait for pages rather than let later requests overtake
             self._waiting.popleft()
-            self._reserved += req.reserve
-            batch.append(req)
+            key = tuple(tokens[: cfg.page_size])
+            if cfg.prefix_caching and len(tokens) > cfg.page_size and key in first_pages:
+                deferred.append(seq)  # admitted next step, reusing the pages this one caches
+                continue
+            first_pages.add(key)
+            budget -= cost
+            seq.tokens = tokens
+            seq.slot = free_slots.pop(0)
+            self._slots[seq.slot] = seq
+            if samples > 1:
+                for f in seq.forks:
+                    if f.slot is None:
+                        f.tokens = tokens
+                        self._slots[free_slots.pop(0)] = f  # reserved; f.slot is set by the fork
+            batch.append(seq)
+        self._waiting.extendleft(reversed(deferred))
         return batch
 
+    def _resume_tokens(self, seq: _Seq) -> list[int]:
+        return seq.req.prompt + seq.out.token_ids
+
     def step(self) -> list[StreamDelta]:
-        """One scheduling iteration (admit + insert, decode_steps, evict); returns new output."""
+        """One scheduling iteration (see the module docstring); returns the new output."""
         cfg = self.cfg
-        batch = self._admit()
-        ins = None
+        free, self._lengths = jax.device_get((num_free_pages_jit(self.state), self.state.length))
+        free = self._preempt(int(free))
+        batch = self._admit(free)
         if batch:
-            seq = cfg.prefill_bucket(max(len(r.prompt) for r in batch))
-            reqs = make_requests(cfg, [r.prompt for r in batch], [r.params for r in batch],
-                                 [r.rid for r in batch], cfg.batch_bucket(len(batch)), seq)
-            self.state, ins = insert_jit(cfg, self.model, self.state, reqs)
+            self._run_admit(batch)
+        pre, forks = self._run_prefill()
         dec = None
-        if batch or any(r is not None for r in self._slots):
+        if any(q is not None for q in self._slots):
             self.state, dec = decode_steps_jit(cfg, self.model, self.state, cfg.decode_steps)
-        ins, dec, finished, reason = jax.device_get(
-            (ins, dec, self.state.active & self.state.finished, self.state.finish_reason)
+        pre_res, fork_ok, dec, finished, reason = jax.device_get(
+            (pre and pre[0], [ok for _, ok in forks], dec, self.state.active & self.state.finished,
+             self.state.finish_reason)
         )
         now = time.perf_counter()
-        touched: dict[int, _Request] = {}
-        evict = False
-        if ins is not None:
-            for row, req in enumerate(batch):
-                if not ins.accepted[row]:  # cannot happen with the reservations above; requeue
-                    self._reserved -= req.reserve
-                    self._waiting.appendleft(req)
-                    continue
-                self._slots[int(ins.slot[row])] = req
-                if req.params.prompt_logprobs is not None:
-                    req.out.prompt_logprobs = [None] + [
-                        _logprob_dict(req.prompt[i], ins.prompt_logprob[row, i], ins.prompt_top_ids[row, i],
-                                      ins.prompt_top_logprobs[row, i], req.params.prompt_logprobs)
-                        for i in range(1, len(req.prompt))
-                    ]
-                self._emit(req, int(ins.token[row]), now, touched,
-                           (ins.logprob[row], ins.top_ids[row], ins.top_logprobs[row]))
+        touched: dict[int, _Seq] = {}
+        if pre:
+            self._collect_prefill(pre_res, pre[1])
+        for (seq, _), ok in zip(forks, fork_ok):
+            if not ok[0]:  # no page for the copy (cannot happen with the accounting): retry later
+                self._slots[seq.slot] = None
+                seq.slot = None
+                self._waiting.appendleft(seq)
         if dec is not None:
             for t in range(dec.token.shape[0]):
                 for s in np.nonzero(dec.emitted[t])[0]:
                     self._emit(self._slots[s], int(dec.token[t, s]), now, touched,
                                (dec.logprob[t, s], dec.top_ids[t, s], dec.top_logprobs[t, s]))
         mask = np.zeros(cfg.max_slots, bool)
-        for s, req in enumerate(self._slots):
-            if req is not None and (finished[s] or req.stopped):
+        for s, seq in enumerate(self._slots):
+            if seq is not None and seq.slot is not None and (finished[s] or seq.stopped):
                 # A stop string wins over whatever the device decided later in the same chunk.
-                req.out.finish_reason = "stop" if req.stopped else FINISH_REASONS[int(reason[s])]
+                seq.out.finish_reason = "stop" if seq.stopped else FINISH_REASONS[int(reason[s])]
                 self._slots[s] = None
-                self._reserved -= req.reserve
-                mask[s] = evict = True
-                touched[req.rid] = req
-        if evict:  # dispatched asynchronously; the next step's work queues behind it
+                seq.slot = None
+                mask[s] = True
+                touched[id(seq)] = seq
+        if mask.any():  # dispatched asynchronously; the next step's work queues behind it
             # An explicit mask (always, so evict compiles once): a slot stopped by a stop string
             # is still running on device and is freed here like a finished one.
             self.state = evict_jit(cfg, self.state, jnp.asarray(mask))
-        return [self._delta(req, now) for req in touched.values()]
+        return [self._delta(seq, now) for seq in touched.values()]
 
-    def _emit(self, req: _Request, token: int, now: float, touched: dict, lp=None) -> None:
-        if req.stopped:  # decoded after a stop string in the same chunk: not part of the output
+    def _run_admit(self, batch: list[_Seq]) -> None:
+        cfg = self.cfg
+        seq_len = cfg.prefill_bucket(max(len(q.tokens) for q in batch))
+        reqs = make_requests(
+            cfg, [q.tokens for q in batch],
+            # Resumed with output: its prompt logprobs were delivered already.
+            [q.req.params if not q.out.token_ids else dataclasses.replace(q.req.params, prompt_logprobs=None)
+             for q in batch],
+            [q.req.rid for q in batch], cfg.batch_bucket(len(batch)), seq_len,
+            num_generated=[len(q.out.token_ids) for q in batch], sample_index=[q.index for q in batch],
+            slots=[q.slot for q in batch],
+        )
+        self.state, res = admit_jit(cfg, self.state, reqs)
+        res = jax.device_get(res)
+        for row, q in enumerate(batch):
+            if not res.accepted[row]:  # cannot happen with the accounting above; requeue
+                for s, occupant in enumerate(self._slots):
+                    if occupant is q or (occupant is not None and occupant in q.forks):
+                        self._slots[s] = None
+                q.slot = None
+                self._waiting.appendleft(q)
+                continue
+            q.order = next(self._order)
+            q.prefill_pos, q.prefill_len = int(res.cached[row]), len(q.tokens) - 1
+            self._counters["prompt_tokens"] += len(q.tokens)
+            self._counters["cached_tokens"] += int(res.cached[row])
+            if q.req.params.prompt_logprobs is not None and q.req.out.prompt_logprobs is None:
+                q.req.out.prompt_logprobs = [None] * len(q.req.prompt)
+
+    def _run_prefill(self):
+        """One chunk for every prefilling slot (oldest first, max_prefill_batch rows), then the
+        forks of the requests whose prefill completes with it."""
+        cfg = self.cfg
+        rows = sorted((q for q in self._slots if q is not None and q.slot is not None and q.prefill_pos < q.prefill_len),
+                      key=lambda q: q.order)[: cfg.max_prefill_batch]
+        pre = None
+        if rows:
+            limit = self.prefill_chunk or cfg.max_seq_len
+            n = [min(q.prefill_len - q.prefill_pos, limit) for q in rows]
+            b, t = cfg.batch_bucket(len(rows)), cfg.prefill_bucket(max(n))
+            tokens = np.zeros((b, t), np.int32)
+            slot = np.full((b,), cfg.max_slots, np.int32)
+            nn, look, plp = np.zeros((b,), np.int32), np.zeros((b,), np.int32), np.full((b,), -1, np.int32)
+            for i, (q, k) in enumerate(zip(rows, n)):
+                tokens[i, :k] = q.tokens[q.prefill_pos: q.prefill_pos + k]
+                slot[i], nn[i], look[i] = q.slot, k, q.tokens[q.prefill_pos + k]
+                if q.req.out.prompt_logprobs is not None and not q.out.token_ids:
+                    plp[i] = min(q.req.params.prompt_logprobs, cfg.max_logprobs)
+            self.state, res = prefill_jit(cfg, self.model, self.state,
+                                          Chunk(slot=slot, tokens=tokens, n=nn, lookahead=look, prompt_logprobs=plp))
+            pre = (res, [(q, q.prefill_pos, k) for q, k in zip(rows, n)])
+            for q, k in zip(rows, n):
+                q.prefill_pos += k
+                self._counters["prefill_tokens"] += k
+        forks = []
+        for q in list(self._slots):
+            if q is None or q.slot is None or q.index != 0 or q.prefill_pos < q.prefill_len:
+                continue
+            for f in q.forks:
+                if f.slot is None and f in self._slots:
+                    s = self._slots.index(f)
+                    self.state, ok = fork_jit(cfg, self.state, jnp.asarray([q.slot], jnp.int32), jnp.asarray([s], jnp.int32),
+                                              jnp.asarray(sample_key(q.req.params.seed, f.index)[None]))
+                    f.slot, f.order = s, next(self._order)
+                    f.prefill_pos = f.prefill_len = q.prefill_len
+                    f.tokens = q.tokens
+                    forks.append((f, ok))
+        return pre, forks
+
+    def _collect_prefill(self, res, rows) -> None:
+        for i, (q, start, k) in enumerate(rows):
+            plp = q.req.out.prompt_logprobs
+            if plp is None or q.out.token_ids:
+                continue
+            top = min(q.req.params.prompt_logprobs, self.cfg.max_logprobs)
+            for c in range(k):
+                p = start + c + 1
+                if p < len(q.req.prompt):
+                    plp[p] = _logprob_dict(q.tokens[p], res.prompt_logprob[i, c], res.prompt_top_ids[i, c],
+                                           res.prompt_top_logprobs[i, c], top)
+
+    def _emit(self, seq: _Seq, token: int, now: float, touched: dict, lp=None) -> None:
+        if seq.stopped:  # decoded after a stop string in the same chunk: not part of the output
             return
-        req.out.token_ids.append(token)
-        req.out.token_times.append(now)
-        req.pending.append(token)
-        if req.params.logprobs is not None and lp is not None:
-            entry = _logprob_dict(token, *lp, req.params.logprobs)
-            req.out.logprobs.append(entry)
-            req.pending_logprobs.append(entry)
-        touched[req.rid] = req
-        if req.detok is not None:
+        seq.out.token_ids.append(token)
+        seq.out.token_times.append(now)
+        seq.pending.append(token)
+        params = seq.req.params
+        if params.logprobs is not None and lp is not None:
+            entry = _logprob_dict(token, *lp, params.logprobs)
+            seq.out.logprobs.append(entry)
+            seq.pending_logprobs.append(entry)
+        touched[id(seq)] = seq
+        if seq.detok is not None:
             # One token at a time (the detokenizer does that internally anyway), so a stop string
             # is attributed to the token that completed it.
-            self._add_text(req, req.detok.push([token]))
+            self._add_text(seq, seq.detok.push([token]))
 
-    def _add_text(self, req: _Request, new: str) -> None:
+    def _add_text(self, seq: _Seq, new: str) -> None:
         if not new:
             return
-        req.out.text += new
-        if req.params.stop:
-            text = req.out.text
+        seq.out.text += new
+        stop = seq.req.params.stop
+        if stop:
+            text = seq.out.text
             # Only a match overlapping the new characters is new (vLLM's search window).
-            hits = [i for st in req.params.stop
-                    if (i := text.find(st, max(0, len(text) - len(new) - len(st) + 1))) >= 0]
+            hits = [i for st in stop if (i := text.find(st, max(0, len(text) - len(new) - len(st) + 1))) >= 0]
             if hits:
-                req.out.text = text[: min(hits)]  # include_stop_str_in_output=False, as vLLM
-                req.stopped = True
+                seq.out.text = text[: min(hits)]  # include_stop_str_in_output=False, as vLLM
+                seq.stopped = True
 
-    def _delta(self, req: _Request, now: float) -> StreamDelta:
+    def _delta(self, seq: _Seq, now: float) -> StreamDelta:
         text = ""
-        if req.detok is not None:
-            done = req.out.finish_reason is not None
-            if done and not req.stopped:
-                self._add_text(req, req.detok.flush())
+        stop = seq.req.params.stop
+        if seq.detok is not None:
+            done = seq.out.finish_reason is not None
+            if done and not seq.stopped:
+                self._add_text(seq, seq.detok.flush())
             # While running, hold back the last (longest stop string - 1) characters: they may
             # be the start of a stop string that must never be shown.
-            hold = 0 if done or not req.params.stop else max(map(len, req.params.stop)) - 1
-            end = max(req.sent, len(req.out.text) - hold)
-            text, req.sent = req.out.text[req.sent:end], end
-        lps = req.pending_logprobs if req.params.logprobs is not None else None
-        delta = StreamDelta(req.rid, req.rid, req.pending, text, req.out.finish_reason, now, lps)
-        req.pending, req.pending_logprobs = [], []
+            hold = 0 if done or not stop else max(map(len, stop)) - 1
+            end = max(seq.sent, len(seq.out.text) - hold)
+            text, seq.sent = seq.out.text[seq.sent:end], end
+        lps = seq.pending_logprobs if seq.req.params.logprobs is not None else None
+        rid = seq.req.rid
+        delta = StreamDelta(rid, rid, seq.pending, text, seq.out.finish_reason, now, lps, seq.index)
+        seq.pending, seq.pending_logprobs = [], []
         return delta
 
     # ------------------------------------------------------------------ user API
@@ -344,30 +561,28 @@ class Engine:
                 reqs.append(self._check(p, sp))
             except InvalidRequestError as e:
                 raise InvalidRequestError(f"request {i}: {e}") from None
-        self._waiting.extend(reqs)
+        self._waiting.extend(r.seqs[0] for r in reqs)
         return reqs
 
     def stream(self, prompts, params=None) -> Iterator[StreamDelta]:
-        """Yield per-request deltas as soon as tokens reach the host. `delta.index` is the
-        prompt's position in `prompts`."""
+        """Yield per-sample deltas as soon as tokens reach the host. `delta.index` is the
+        prompt's position in `prompts`, `delta.sample` the sample (n > 1)."""
         reqs = self._add_all(prompts, params)
         index = {r.rid: i for i, r in enumerate(reqs)}
+        by_id = {r.rid: r for r in reqs}
         remaining = set(index)
         while remaining:
             for d in self.step():
                 if d.request_id in index:
-                    if d.finish_reason is not None:
+                    if by_id[d.request_id].out.finished:
                         remaining.discard(d.request_id)
                     yield dataclasses.replace(d, index=index[d.request_id])
 
     def generate(self, prompts, params=None) -> list[RequestOutput]:
         """Run the prompts to completion; outputs in prompt order."""
         reqs = self._add_all(prompts, params)
-        pending = {r.rid for r in reqs}
-        while pending:
-            for d in self.step():
-                if d.finish_reason is not None:
-                    pending.discard(d.request_id)
+        while not all(r.out.finished for r in reqs):
+            self.step()
         return [r.out for r in reqs]
 
     def run_until_idle(self) -> None:
@@ -375,13 +590,23 @@ class Engine:
             self.step()
 
     def stats(self) -> dict:
-        refcount = np.asarray(self.state.page_refcount)
+        """Pool and scheduler counters. pages_free counts every page an allocation may take
+        (including cached ones, which it evicts last); pages_cached counts registered full pages,
+        in use or not. prefix_cache_hit_rate = prompt tokens reused / prompt tokens admitted."""
+        refcount, cached = jax.device_get((self.state.alloc.refcount, self.state.alloc.cached))
+        c = self._counters
         return {
             "pages_total": self.cfg.num_pages - 1,
             "pages_used": int(np.sum(refcount[1:] > 0)),
             "pages_free": int(np.sum(refcount[1:] == 0)),
-            "pages_reserved": self._reserved,
-            "running": sum(r is not None for r in self._slots),
+            "pages_cached": int(np.sum(cached[1:])),
+            "pages_cached_free": int(np.sum(cached[1:] & (refcount[1:] == 0))),
+            "prompt_tokens": c["prompt_tokens"],
+            "prefix_cache_hit_tokens": c["cached_tokens"],
+            "prefix_cache_hit_rate": c["cached_tokens"] / c["prompt_tokens"] if c["prompt_tokens"] else 0.0,
+            "prefill_tokens": c["prefill_tokens"],
+            "preemptions": c["preemptions"],
+            "running": sum(q is not None for q in self._slots),
             "waiting": len(self._waiting),
         }
 

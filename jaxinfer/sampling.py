@@ -44,6 +44,7 @@ class SamplingParams:
     model distribution; prompt_logprobs=k the same for every prompt token after the first.
     stop: strings that end the request when they appear in the detokenized output (host side;
     the output text stops right before the stop string, which is not included).
+    n: independent samples of the prompt (RequestOutput.samples); they share the prompt's pages.
     """
 
     max_tokens: int = 16
@@ -61,6 +62,9 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     stop: Sequence[str] = ()
+    # Parallel sampling: n samples of one prompt share its KV pages (copy-on-write of the page
+    # they write into). Sample i draws from RNG key (i, seed), so sample 0 equals the n=1 output.
+    n: int = 1
 
     def __post_init__(self):
         # A lone string is one stop string (as vLLM and OpenAI accept it), not its characters.
@@ -110,6 +114,8 @@ class SamplingParams:
             isinstance(x, str) and x for x in self.stop
         ):
             bad("stop", self.stop, "a list of non-empty strings")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            bad("n", self.n, "an integer >= 1")
 
 
 def _filter_and_draw(

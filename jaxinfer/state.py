@@ -26,9 +26,9 @@ import flax.struct
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, UInt32
 
+from jaxinfer import allocator
+from jaxinfer.allocator import NULL_PAGE, PageAllocator
 from jaxinfer.config import ModelConfig
-
-NULL_PAGE = 0
 
 # finish_reason codes stored in the state (names are the public strings).
 FINISH_NONE, FINISH_STOP, FINISH_LENGTH, FINISH_ABORT = 0, 1, 2, 3
@@ -66,6 +66,10 @@ class EngineConfig:
     # Top-k logprobs computed per token when a request asks (SamplingParams.logprobs /
     # prompt_logprobs <= this); static because it is the width of the top-k output arrays.
     max_logprobs: int = 5
+    # Automatic prefix caching: full pages are registered in a hash-chain cache and a new
+    # request reuses the cached pages of its prompt (jaxinfer.allocator). Off: no lookup and no
+    # registration (each request prefills its whole prompt).
+    prefix_caching: bool = True
 
     def __post_init__(self):
         for name in ("max_slots", "page_size", "num_pages", "max_seq_len", "max_stop_ids", "decode_steps"):
@@ -115,8 +119,8 @@ class EngineState:
     # KV pool: K and V pages for every layer.
     k_pages: Float[Array, "layers pages page_size kv_heads head_dim"]
     v_pages: Float[Array, "layers pages page_size kv_heads head_dim"]
-    # Page allocator: reference count per page; 0 = free. Page 0 (null) is pinned at 1.
-    page_refcount: Int[Array, "pages"]
+    # Page allocator: reference counts, prefix cache, LRU (see jaxinfer.allocator).
+    alloc: PageAllocator
     # Slot -> pages. Entry p holds tokens [p*page_size, (p+1)*page_size); unused entries are 0.
     page_table: Int[Array, "slots pages_per_seq"]
     # Slot table.
@@ -125,6 +129,9 @@ class EngineState:
     finish_reason: Int[Array, "slots"]  # FINISH_* codes
     request_id: Int[Array, "slots"]  # caller's id; -1 when empty
     length: Int[Array, "slots"]  # tokens whose K/V is in the pool
+    # Tokens that prefill writes (the prompt minus its last token, which is `last_token` and
+    # is fed by the first decode step); the slot decodes once length >= prefill_len.
+    prefill_len: Int[Array, "slots"]
     last_token: Int[Array, "slots"]  # newest sampled token (its K/V is written by the next decode)
     num_generated: Int[Array, "slots"]
     max_tokens: Int[Array, "slots"]
@@ -145,7 +152,16 @@ class EngineState:
 
     @property
     def running(self) -> Bool[Array, "slots"]:
-        return self.active & ~self.finished
+        """Slots that decode: active, not finished, prefill complete."""
+        return self.active & ~self.finished & (self.length >= self.prefill_len)
+
+    @property
+    def prefilling(self) -> Bool[Array, "slots"]:
+        return self.active & ~self.finished & (self.length < self.prefill_len)
+
+    @property
+    def page_refcount(self) -> Int[Array, "pages"]:
+        return self.alloc.refcount
 
 
 def init_state(cfg: EngineConfig, model_cfg: ModelConfig, dtype=jnp.float32) -> EngineState:
@@ -159,13 +175,14 @@ def init_state(cfg: EngineConfig, model_cfg: ModelConfig, dtype=jnp.float32) -> 
     return EngineState(
         k_pages=jnp.zeros(pool_shape, dtype),
         v_pages=jnp.zeros(pool_shape, dtype),
-        page_refcount=jnp.zeros((cfg.num_pages,), jnp.int32).at[NULL_PAGE].set(1),
+        alloc=allocator.init(cfg.num_pages, cfg.page_size),
         page_table=jnp.full((s, cfg.pages_per_seq), NULL_PAGE, jnp.int32),
         active=jnp.zeros((s,), bool),
         finished=jnp.zeros((s,), bool),
         finish_reason=zeros_i(),
         request_id=jnp.full((s,), -1, jnp.int32),
         length=zeros_i(),
+        prefill_len=zeros_i(),
         last_token=zeros_i(),
         num_generated=zeros_i(),
         max_tokens=zeros_i(),

@@ -1,14 +1,24 @@
-"""The three pure steps: `insert`, `decode` (and `decode_steps`, several per host sync), `evict`.
+"""The pure steps. Each takes (EngineConfig [static], Model, EngineState, ...) and returns a new
+EngineState plus small per-row outputs. No globals, no host callbacks: they compose with the
+caller's own `jit`, `lax.scan` or `lax.while_loop`. The jitted entry points donate the state, so
+the KV pool is updated in place.
 
-Each takes (EngineConfig [static], Model, EngineState, ...) and returns a new EngineState plus
-small per-slot outputs. No globals, no host callbacks: they compose with the caller's own
-`jit`, `lax.scan` or `lax.while_loop`. The jitted entry points donate the state, so the KV
-pool is updated in place.
+A request's life, in steps:
+- `admit`: take a free slot, reuse the cached pages of the prompt's longest cached prefix
+  (prefix caching), allocate fresh pages for the rest of the prompt, store the sampling
+  settings. No model call.
+- `prefill`: write the K/V of the next chunk of prompt tokens (call it once for the whole
+  prompt, or several times for chunked prefill). Prefill covers the prompt minus its last token.
+- `decode` / `decode_steps`: feed every running slot's `last_token` (for a new request: the
+  prompt's last token, so its first generated token comes from the first decode step), sample,
+  detect stops. `fork` copies a slot that finished prefill into other slots (parallel sampling
+  `n > 1`): full pages are shared, the page the samples will write next is copied.
+- `evict`: drop a slot's page references; full pages stay cached until the pool needs them.
+`insert` = admit + prefill + one decode step for the new slots only (prefill a batch of
+requests and return each one's first token in one call).
 """
 
 from __future__ import annotations
-
-import functools
 
 import flax.struct
 import jax
@@ -17,9 +27,9 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int, UInt32
 
 from jaxinfer import allocator
-from jaxinfer.attention import decode_attention, prefill_attention
-from jaxinfer.model import Model, decoder, lm_head
+from jaxinfer.attention import chunk_attention, decode_attention
 from jaxinfer.dims import AnyArray
+from jaxinfer.model import Model, decoder, lm_head
 from jaxinfer.sampling import process_logits, sample, token_logprobs
 from jaxinfer.state import (
     FINISH_ABORT, FINISH_LENGTH, FINISH_NONE, FINISH_STOP, NULL_PAGE, EngineConfig, EngineState,
@@ -28,7 +38,7 @@ from jaxinfer.state import (
 
 @flax.struct.dataclass
 class Requests:
-    """A padded batch of requests for `insert`. Rows with length 0 are empty (ignored)."""
+    """A padded batch of requests for `admit` / `insert`. Rows with length 0 are empty."""
 
     tokens: Int[AnyArray, "batch seq"]
     length: Int[AnyArray, "batch"]
@@ -46,11 +56,19 @@ class Requests:
     frequency_penalty: Float[AnyArray, "batch"]
     logprobs: Int[AnyArray, "batch"]  # top-k logprobs per generated token; -1 = none
     prompt_logprobs: Int[AnyArray, "batch"]  # top-k logprobs per prompt token; -1 = none
+    # Resuming a preempted request: the row's last num_generated tokens are its earlier output
+    # (they count for the penalties, max_tokens, min_tokens and the RNG step). 0 for new ones.
+    num_generated: Int[AnyArray, "batch"]
+    # The slot to use (must be free), or -1: the lowest free slot not named by another row.
+    slot: Int[AnyArray, "batch"]
 
 
-def make_requests(cfg: EngineConfig, prompts, params, request_ids, batch: int, seq: int) -> Requests:
+def make_requests(cfg: EngineConfig, prompts, params, request_ids, batch: int, seq: int,
+                  num_generated=None, sample_index=None, slots=None) -> Requests:
     """Host side: pack prompts (lists of ints) and SamplingParams into a numpy `Requests` batch
-    of shape [batch, seq] (a bucket). Stop ids must already include EOS and fit max_stop_ids."""
+    of shape [batch, seq] (a bucket). Stop ids must already include EOS and fit max_stop_ids.
+    `num_generated[i]`: trailing tokens of prompt i that are earlier output (resumption);
+    `sample_index[i]`: which of the request's n samples the row is (selects its RNG stream)."""
     tokens = np.zeros((batch, seq), np.int32)
     f32 = lambda v: np.full((batch,), v, np.float32)  # noqa: E731
     i32 = lambda v: np.full((batch,), v, np.int32)  # noqa: E731
@@ -58,39 +76,30 @@ def make_requests(cfg: EngineConfig, prompts, params, request_ids, batch: int, s
              top_k=i32(0), top_p=f32(1), min_p=f32(0), rng=np.zeros((batch, 2), np.uint32),
              stop_ids=np.full((batch, cfg.max_stop_ids), -1, np.int32), min_tokens=i32(0),
              repetition_penalty=f32(1), presence_penalty=f32(0), frequency_penalty=f32(0),
-             logprobs=i32(-1), prompt_logprobs=i32(-1))
+             logprobs=i32(-1), prompt_logprobs=i32(-1), num_generated=i32(0), slot=i32(-1))
     for row, (prompt, sp, rid) in enumerate(zip(prompts, params, request_ids)):
         tokens[row, : len(prompt)] = prompt
         r["length"][row], r["request_id"][row], r["max_tokens"][row] = len(prompt), rid, sp.max_tokens
         r["temperature"][row], r["top_k"][row] = sp.temperature, sp.top_k
         r["top_p"][row], r["min_p"][row] = sp.top_p, sp.min_p
-        # Threefry key data for a 32-bit seed, as jax.random.key(seed) makes it, without a device op.
         seed = sp.seed if sp.seed is not None else int(np.random.default_rng().integers(2**32))
-        r["rng"][row] = (0, seed)
+        r["rng"][row] = sample_key(seed, 0 if sample_index is None else sample_index[row])
         r["stop_ids"][row, : len(sp.stop_token_ids)] = sp.stop_token_ids
         r["min_tokens"][row], r["repetition_penalty"][row] = sp.min_tokens, sp.repetition_penalty
         r["presence_penalty"][row], r["frequency_penalty"][row] = sp.presence_penalty, sp.frequency_penalty
         r["logprobs"][row] = -1 if sp.logprobs is None else min(sp.logprobs, cfg.max_logprobs)
         r["prompt_logprobs"][row] = -1 if sp.prompt_logprobs is None else min(sp.prompt_logprobs, cfg.max_logprobs)
+        if num_generated is not None:
+            r["num_generated"][row] = num_generated[row]
+        if slots is not None:
+            r["slot"][row] = slots[row]
     return Requests(**r)
 
 
-@flax.struct.dataclass
-class InsertResult:
-    accepted: Bool[AnyArray, "batch"]  # False: no free slot or not enough free pages (row untouched)
-    slot: Int[AnyArray, "batch"]  # slot the request went to (max_slots when not accepted)
-    token: Int[AnyArray, "batch"]  # first generated token
-    finished: Bool[AnyArray, "batch"]
-    # Raw-model logprobs (log_softmax before penalties/temperature; zeros unless some accepted
-    # row asked): the first token's, and the top max_logprobs ids and logprobs.
-    logprob: Float[AnyArray, "batch"]
-    top_ids: Int[AnyArray, "batch max_logprobs"]
-    top_logprobs: Float[AnyArray, "batch max_logprobs"]
-    # Prompt token i's logprob given tokens < i, and the top-k at that position (index 0, which
-    # has no prefix, is 0); zeros unless some accepted row asked for prompt_logprobs.
-    prompt_logprob: Float[AnyArray, "batch seq"]
-    prompt_top_ids: Int[AnyArray, "batch seq max_logprobs"]
-    prompt_top_logprobs: Float[AnyArray, "batch seq max_logprobs"]
+def sample_key(seed: int, index: int = 0) -> np.ndarray:
+    """Threefry key data of sample `index` of a request with `seed`: (index, seed). Sample 0 is
+    what jax.random.key(seed) makes for a 32-bit seed, so n=1 and sample 0 of n>1 agree."""
+    return np.array([index, seed % 2**32], np.uint32)
 
 
 def _finish(state: EngineState, running, token, cfg: EngineConfig):
@@ -104,79 +113,83 @@ def _finish(state: EngineState, running, token, cfg: EngineConfig):
     return state.finished | newly, jnp.where(newly, reason, state.finish_reason)
 
 
-def insert(cfg: EngineConfig, model: Model, state: EngineState, req: Requests) -> tuple[EngineState, InsertResult]:
-    """Prefill a batch of requests into free slots and sample each one's first token.
+# ----------------------------------------------------------------------------- admit
+@flax.struct.dataclass
+class AdmitResult:
+    accepted: Bool[AnyArray, "batch"]  # False: no free slot or not enough free pages (row untouched)
+    slot: Int[AnyArray, "batch"]  # slot the request went to (max_slots when not accepted)
+    cached: Int[AnyArray, "batch"]  # prompt tokens whose K/V came from the prefix cache
 
-    Design: slot and page assignment are computed with cumulative sums (request r goes to the
-    r-th free slot and takes the next ceil(len / page_size) free pages); a request is accepted
-    only if it and all before it fit, so rejection is a clean no-op for that row. The prompt's
-    K/V is scattered into the new pages layer by layer; padded positions and rejected rows
-    write to the null page.
+
+def admit(cfg: EngineConfig, state: EngineState, req: Requests) -> tuple[EngineState, AdmitResult]:
+    """Put a batch of requests into free slots with their pages; no model call.
+
+    Design: request r goes to the slot it names, else to the r-th free slot (cumulative sum).
+    Its page-table row is the
+    longest cached prefix of its prompt (whole pages, at most (len-1) // page_size of them: the
+    last prompt token is fed by decode, which must own the page it writes) followed by fresh
+    pages for the remaining prompt positions. Cache hits are acquired before the fresh pages are
+    allocated, so an allocation can never evict a page this batch is about to reuse. A request
+    is accepted only if it and every request before it fit (slots and pages); a rejected row
+    gives its references back and leaves no trace. Rows asking for prompt_logprobs skip the
+    cache (their prompt must be recomputed to be scored).
     """
-    s, ps = cfg.max_slots, cfg.page_size
+    s, ps, pps = cfg.max_slots, cfg.page_size, cfg.pages_per_seq
     b, t = req.tokens.shape
     valid = req.length > 0
-    free_slot = ~state.active
-    rank = jnp.cumsum(valid) - 1
-    slots_ok = valid & (rank < jnp.sum(free_slot))
-    need = jnp.where(slots_ok, -(-req.length // ps), 0)
-    pages, granted, refcount = allocator.allocate(state.page_refcount, need, cfg.pages_per_seq)
+    # Slots: named ones must be free and named once; the others take the free slots nobody named.
+    explicit = valid & (req.slot >= 0) & (req.slot < s)
+    named = jnp.where(explicit, req.slot, s)
+    first = jnp.arange(b) == jnp.argmax(named[None, :] == named[:, None], axis=1)
+    named_ok = explicit & first & ~state.active[jnp.minimum(named, s - 1)]
+    auto = valid & (req.slot < 0)
+    free_auto = ~state.active & ~jnp.zeros((s,), bool).at[named].set(True, mode="drop")
+    rank = jnp.cumsum(auto) - 1
+    free_ids = jnp.nonzero(free_auto, size=s, fill_value=s)[0]
+    slot_of = jnp.where(explicit, named, jnp.where(auto & (rank < jnp.sum(free_auto)), free_ids[jnp.clip(rank, 0, s - 1)], s))
+    slots_ok = jnp.where(explicit, named_ok, auto & (slot_of < s))
+    a = state.alloc
+    if cfg.prefix_caching and t >= ps:
+        max_hit = jnp.where(slots_ok & (req.prompt_logprobs < 0), (req.length - 1) // ps, 0)
+        hit_pages, hits = allocator.lookup(a, req.tokens, max_hit)
+        a = allocator.acquire(a, hit_pages, hit_pages != NULL_PAGE)
+    else:
+        hit_pages, hits = jnp.zeros((b, 0), jnp.int32), jnp.zeros((b,), jnp.int32)
+    need = jnp.where(slots_ok, -(-req.length // ps) - hits, 0)
+    a, fresh, granted = allocator.allocate(a, need, pps)
     accepted = slots_ok & granted
-    free_ids = jnp.nonzero(free_slot, size=s, fill_value=s)[0]
-    slot = jnp.where(accepted, free_ids[jnp.clip(rank, 0, s - 1)], s)
+    # Rejected rows hand their cache hits back (plain decrement: they were never theirs).
+    undo = (~accepted)[:, None] & (hit_pages != NULL_PAGE)
+    a = a.replace(refcount=a.refcount.at[hit_pages.ravel()].add(-undo.ravel().astype(jnp.int32)))
+    hits = jnp.where(accepted, hits, 0)
 
-    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    in_prompt = accepted[:, None] & (pos < req.length[:, None])
-    write_page = jnp.where(in_prompt, jnp.take_along_axis(pages, jnp.minimum(pos // ps, pages.shape[1] - 1), 1), NULL_PAGE)
-    write_off = pos % ps
-    window = model.config.sliding_window
+    j = jnp.arange(pps)[None, :]
+    hit_row = jnp.pad(hit_pages, ((0, 0), (0, pps - hit_pages.shape[1])))[:, :pps]
+    fresh_row = jnp.take_along_axis(fresh, jnp.clip(j - hits[:, None], 0, pps - 1), axis=1)
+    table = jnp.where(j < hits[:, None], hit_row, jnp.where(j - hits[:, None] < need[:, None], fresh_row, NULL_PAGE))
+    table = jnp.where(accepted[:, None], table, NULL_PAGE)
 
-    def attend(i, q, k, v, kv):
-        kp, vp = kv
-        kp = kp.at[i, write_page, write_off].set(k.astype(kp.dtype))
-        vp = vp.at[i, write_page, write_off].set(v.astype(vp.dtype))
-        o = prefill_attention(q, k, v, lengths=req.length, sliding_window=window, backend=cfg.attention_backend)
-        return o, (kp, vp)
-
-    h, (k_pages, v_pages) = decoder(model, req.tokens, pos, attend, (state.k_pages, state.v_pages))
-    last = jnp.take_along_axis(h, jnp.maximum(req.length - 1, 0)[:, None, None], axis=1)[:, 0]
-    logits = lm_head(model, last)
-    v = logits.shape[-1]
+    slot = jnp.where(accepted, slot_of, s)
+    v = state.seen.shape[1]
     rows = jnp.arange(b)[:, None]
-    # Penalty history of the new requests: the prompt's tokens are seen; no output counts yet.
+    pos = jnp.arange(t)[None, :]
+    in_prompt = pos < req.length[:, None]
+    in_output = in_prompt & (pos >= (req.length - req.num_generated)[:, None])
+    # Penalty history: every prompt token is seen; earlier output (resumption) is counted too.
     seen = jnp.zeros((b, v), bool).at[rows, jnp.where(in_prompt, req.tokens, v)].set(True, mode="drop")
-    no_counts = jnp.zeros((b, v), jnp.int32)
-    processed = process_logits(logits, jnp.zeros((b,), jnp.int32), req.min_tokens, req.stop_ids, seen, no_counts,
-                               req.repetition_penalty, req.presence_penalty, req.frequency_penalty)
-    token = sample(processed, req.temperature, req.top_k, req.top_p, req.min_p, req.rng, jnp.zeros((b,), jnp.int32))
-    k = cfg.max_logprobs
-    logprob, top_ids, top_logprobs = token_logprobs(logits, token, k, jnp.any(accepted & (req.logprobs >= 0)))
-    seen = seen.at[rows[:, 0], token].set(True)
-    counts = no_counts.at[rows[:, 0], token].set(1)
+    counts = jnp.zeros((b, v), jnp.int32).at[rows, jnp.where(in_output, req.tokens, v)].add(1, mode="drop")
+    last = jnp.take_along_axis(req.tokens, jnp.maximum(req.length - 1, 0)[:, None], axis=1)[:, 0]
 
-    def prompt_scores(_):
-        # Full-prompt logits only on this branch: position i's logits score token i + 1.
-        return token_logprobs(lm_head(model, h[:, :-1]), req.tokens[:, 1:], k, jnp.bool_(True))
-
-    def no_scores(_):
-        return (jnp.zeros((b, t - 1), jnp.float32), jnp.zeros((b, t - 1, k), jnp.int32),
-                jnp.zeros((b, t - 1, k), jnp.float32))
-
-    p_lp, p_ids, p_top = jax.lax.cond(jnp.any(accepted & (req.prompt_logprobs >= 0)), prompt_scores, no_scores, None)
-    shift = lambda x: jnp.concatenate([jnp.zeros_like(x[:, :1]), x], axis=1)  # noqa: E731  align to token i
-    p_lp, p_ids, p_top = shift(p_lp), shift(p_ids), shift(p_top)
-
-    # Scatter the accepted rows into their slots; rejected rows target slot s and are dropped.
     def put(field, value):
         return field.at[slot].set(value.astype(field.dtype), mode="drop")
 
+    zeros = jnp.zeros_like(req.length)
     st = state.replace(
-        k_pages=k_pages, v_pages=v_pages, page_refcount=refcount,
-        page_table=put(state.page_table, pages),
-        active=put(state.active, accepted), finished=put(state.finished, jnp.zeros_like(accepted)),
-        finish_reason=put(state.finish_reason, jnp.zeros_like(req.length)),
-        request_id=put(state.request_id, req.request_id), length=put(state.length, req.length),
-        last_token=put(state.last_token, token), num_generated=put(state.num_generated, jnp.ones_like(token)),
+        alloc=a, page_table=put(state.page_table, table),
+        active=put(state.active, accepted), finished=put(state.finished, zeros.astype(bool)),
+        finish_reason=put(state.finish_reason, zeros), request_id=put(state.request_id, req.request_id),
+        length=put(state.length, hits * ps), prefill_len=put(state.prefill_len, req.length - 1),
+        last_token=put(state.last_token, last), num_generated=put(state.num_generated, req.num_generated),
         max_tokens=put(state.max_tokens, req.max_tokens), temperature=put(state.temperature, req.temperature),
         top_k=put(state.top_k, req.top_k), top_p=put(state.top_p, req.top_p), min_p=put(state.min_p, req.min_p),
         rng=put(state.rng, req.rng), stop_ids=put(state.stop_ids, req.stop_ids),
@@ -186,15 +199,84 @@ def insert(cfg: EngineConfig, model: Model, state: EngineState, req: Requests) -
         frequency_penalty=put(state.frequency_penalty, req.frequency_penalty),
         logprobs=put(state.logprobs, req.logprobs), seen=put(state.seen, seen), counts=put(state.counts, counts),
     )
-    new = jnp.zeros((s,), bool).at[slot].set(True, mode="drop")
-    finished, reason = _finish(st, new, st.last_token, cfg)
-    st = st.replace(finished=finished, finish_reason=reason)
-    done = jnp.take(finished, jnp.minimum(slot, s - 1)) & accepted
-    return st, InsertResult(accepted=accepted, slot=slot, token=token, finished=done, logprob=logprob,
-                            top_ids=top_ids, top_logprobs=top_logprobs, prompt_logprob=p_lp,
-                            prompt_top_ids=p_ids, prompt_top_logprobs=p_top)
+    return st, AdmitResult(accepted=accepted, slot=slot, cached=hits * ps)
 
 
+# ----------------------------------------------------------------------------- prefill
+@flax.struct.dataclass
+class Chunk:
+    """Prompt tokens for `prefill`: row i continues slot[i]'s prefill at its current length."""
+
+    slot: Int[AnyArray, "batch"]  # max_slots = empty row
+    tokens: Int[AnyArray, "batch seq"]  # the prompt tokens at positions [length, length + n)
+    n: Int[AnyArray, "batch"]  # valid tokens in the row (clipped to what the prompt has left)
+    lookahead: Int[AnyArray, "batch"]  # prompt token at position length + n (scored by the last row)
+    prompt_logprobs: Int[AnyArray, "batch"]  # -1: no prompt scores wanted for this row
+
+
+@flax.struct.dataclass
+class PrefillResult:
+    n: Int[AnyArray, "batch"]  # tokens actually written per row
+    # Row i, column c: logprob (and top-k) of the prompt token at position start + c + 1 given
+    # the tokens before it; zeros unless some row asked.
+    prompt_logprob: Float[AnyArray, "batch seq"]
+    prompt_top_ids: Int[AnyArray, "batch seq max_logprobs"]
+    prompt_top_logprobs: Float[AnyArray, "batch seq max_logprobs"]
+
+
+def prefill(cfg: EngineConfig, model: Model, state: EngineState, chunk: Chunk) -> tuple[EngineState, PrefillResult]:
+    """Write the K/V of one chunk of prompt tokens per row into the slot's pages.
+
+    Design: the chunk sits at positions [length, length + n) of its slot (length = tokens
+    already in the pool: cached prefix and earlier chunks). K/V are written first, then each
+    query attends to the slot's pages up to its own position, so chunked and unchunked prefill
+    compute the same function. Pages that become full are registered in the prefix cache.
+    Rows for slots that are not prefilling are ignored.
+    """
+    s, ps = cfg.max_slots, cfg.page_size
+    b, t = chunk.tokens.shape
+    sc = jnp.clip(chunk.slot, 0, s - 1)
+    valid = (chunk.slot < s) & (chunk.n > 0) & state.prefilling[sc]
+    start = jnp.where(valid, state.length[sc], 0)
+    n = jnp.where(valid, jnp.minimum(chunk.n, state.prefill_len[sc] - start), 0)
+    table = jnp.where(valid[:, None], state.page_table[sc], NULL_PAGE)
+    pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    in_chunk = jnp.arange(t)[None, :] < n[:, None]
+    write_page = jnp.where(in_chunk, jnp.take_along_axis(table, jnp.minimum(pos // ps, table.shape[1] - 1), 1), NULL_PAGE)
+    write_off = pos % ps
+    window = model.config.sliding_window
+
+    def attend(i, q, k, v, kv):
+        kp, vp = kv
+        kp = kp.at[i, write_page, write_off].set(k.astype(kp.dtype))
+        vp = vp.at[i, write_page, write_off].set(v.astype(vp.dtype))
+        o = chunk_attention(q, k, v, kp[i], vp[i], table, start, n, sliding_window=window,
+                            backend=cfg.attention_backend)
+        return o, (kp, vp)
+
+    h, (k_pages, v_pages) = decoder(model, chunk.tokens, pos, attend, (state.k_pages, state.v_pages))
+    a = allocator.write_tokens(state.alloc, write_page, write_off, chunk.tokens)
+    if cfg.prefix_caching:
+        a = allocator.register_full_pages(a, table, start + n, valid)
+    tgt = jnp.where(valid, chunk.slot, s)
+    st = state.replace(k_pages=k_pages, v_pages=v_pages, alloc=a,
+                       length=state.length.at[tgt].set(start + n, mode="drop"))
+
+    k = cfg.max_logprobs
+
+    def prompt_scores(_):
+        nxt = jnp.concatenate([chunk.tokens[:, 1:], jnp.zeros((b, 1), chunk.tokens.dtype)], axis=1)
+        nxt = jnp.where(jnp.arange(t)[None, :] == (n - 1)[:, None], chunk.lookahead[:, None], nxt)
+        return token_logprobs(lm_head(model, h), jnp.maximum(nxt, 0), k, jnp.bool_(True))
+
+    def no_scores(_):
+        return (jnp.zeros((b, t), jnp.float32), jnp.zeros((b, t, k), jnp.int32), jnp.zeros((b, t, k), jnp.float32))
+
+    p_lp, p_ids, p_top = jax.lax.cond(jnp.any(valid & (chunk.prompt_logprobs >= 0)), prompt_scores, no_scores, None)
+    return st, PrefillResult(n=n, prompt_logprob=p_lp, prompt_top_ids=p_ids, prompt_top_logprobs=p_top)
+
+
+# ----------------------------------------------------------------------------- decode
 @flax.struct.dataclass
 class DecodeResult:
     # [slots] from decode; [steps, slots] from decode_steps (lax.scan stacks them).
@@ -206,46 +288,60 @@ class DecodeResult:
     top_logprobs: Float[AnyArray, "*steps slots max_logprobs"]
 
 
-def decode_forward(cfg: EngineConfig, model: Model, state: EngineState) -> tuple[EngineState, Float[Array, "slots vocab"], Bool[Array, "slots"]]:
-    """Feed every running slot's pending `last_token`: allocate its page if needed, write its
-    K/V, attend over the slot's pages, and return the next-token logits. No sampling.
+def decode_forward(cfg: EngineConfig, model: Model, state: EngineState,
+                   mask: Bool[Array, "slots"] | None = None) -> tuple[EngineState, Float[Array, "slots vocab"], Bool[Array, "slots"]]:
+    """Feed every running slot's pending `last_token` (only the slots in `mask`, if given):
+    allocate its page if the position opens one, write its K/V, attend over the slot's pages,
+    and return the next-token logits. No sampling.
 
-    Design: the token goes to position `length`; if that position opens a new page, one is
-    allocated (vectorised over slots). A slot that cannot get a page finishes with reason
-    "abort" instead of corrupting anything. K/V are written before attention so the query sees
-    itself; non-running slots write to the null page and attend to nothing. Returns the new
-    state (length advanced), logits [slots, vocab] float32 and the mask of slots that ran.
-    Useful on its own for scoring / teacher forcing: set `last_token` and call it.
+    Design: the token goes to position `length`; a page is allocated (vectorised over slots)
+    when that page-table entry is still the null page. A slot that cannot get a page finishes
+    with reason "abort" instead of corrupting anything (the Engine preempts before that can
+    happen). K/V are written before attention so the query sees itself; other slots write to
+    the null page and attend to nothing. A page completed by this write is registered in the
+    prefix cache. Returns the new state (length advanced), logits [slots, vocab] float32 and
+    the mask of slots that ran. Useful on its own for scoring / teacher forcing.
     """
     s, ps = cfg.max_slots, cfg.page_size
-    running = state.running
+    running = state.running if mask is None else state.running & mask
     pos = state.length
-    page_idx = jnp.minimum(pos // ps, cfg.pages_per_seq - 1)
-    need = (running & (pos % ps == 0)).astype(jnp.int32)
-    new_pages, granted, refcount = allocator.allocate(state.page_refcount, need, 1)
-    starved = (need > 0) & ~granted
-    running = running & ~starved
     rows = jnp.arange(s)
+    page_idx = jnp.minimum(pos // ps, cfg.pages_per_seq - 1)
+    need = running & (state.page_table[rows, page_idx] == NULL_PAGE)
+
+    def alloc(a):
+        return allocator.allocate(a, need.astype(jnp.int32), 1)
+
+    def no_alloc(a):
+        return a, jnp.zeros((s, 1), jnp.int32), jnp.ones((s,), bool)
+
+    a, new_pages, granted = jax.lax.cond(jnp.any(need), alloc, no_alloc, state.alloc)
+    starved = need & ~granted
+    running = running & ~starved
     page_table = state.page_table.at[rows, page_idx].set(
-        jnp.where((need > 0) & granted, new_pages[:, 0], state.page_table[rows, page_idx])
+        jnp.where(need & granted, new_pages[:, 0], state.page_table[rows, page_idx])
     )
-    write_page = jnp.where(running, page_table[rows, page_idx], NULL_PAGE)[:, None]
-    write_off = (pos % ps)[:, None]
+    write_page = jnp.where(running, page_table[rows, page_idx], NULL_PAGE)
+    write_off = pos % ps
     attn_len = jnp.where(running, pos + 1, 0)
     window = model.config.sliding_window
 
     def attend(i, q, k, v, kv):
         kp, vp = kv
-        kp = kp.at[i, write_page, write_off].set(k.astype(kp.dtype))
-        vp = vp.at[i, write_page, write_off].set(v.astype(vp.dtype))
+        kp = kp.at[i, write_page[:, None], write_off[:, None]].set(k.astype(kp.dtype))
+        vp = vp.at[i, write_page[:, None], write_off[:, None]].set(v.astype(vp.dtype))
         o = decode_attention(q[:, 0], kp[i], vp[i], page_table, attn_len, sliding_window=window,
                              backend=cfg.attention_backend)
         return o[:, None], (kp, vp)
 
     h, (k_pages, v_pages) = decoder(model, state.last_token[:, None], pos[:, None], attend,
                                     (state.k_pages, state.v_pages))
+    a = allocator.write_tokens(a, write_page, write_off, state.last_token)
+    if cfg.prefix_caching:
+        parent = jnp.where(page_idx > 0, page_table[rows, jnp.maximum(page_idx - 1, 0)], NULL_PAGE)
+        a = allocator.register(a, write_page, parent, running & (write_off == ps - 1))
     st = state.replace(
-        k_pages=k_pages, v_pages=v_pages, page_refcount=refcount, page_table=page_table,
+        k_pages=k_pages, v_pages=v_pages, alloc=a, page_table=page_table,
         length=jnp.where(running, pos + 1, pos),
         finished=state.finished | starved,
         finish_reason=jnp.where(starved, FINISH_ABORT, state.finish_reason),
@@ -253,10 +349,11 @@ def decode_forward(cfg: EngineConfig, model: Model, state: EngineState) -> tuple
     return st, lm_head(model, h[:, 0]), running
 
 
-def decode(cfg: EngineConfig, model: Model, state: EngineState) -> tuple[EngineState, DecodeResult]:
-    """One token for every running slot: `decode_forward`, logits processing (min_tokens,
-    penalties), sample, logprobs, penalty-history update, stop/length detection."""
-    st, logits, running = decode_forward(cfg, model, state)
+def decode(cfg: EngineConfig, model: Model, state: EngineState,
+           mask: Bool[Array, "slots"] | None = None) -> tuple[EngineState, DecodeResult]:
+    """One token for every running slot (in `mask`): `decode_forward`, logits processing
+    (min_tokens, penalties), sample, logprobs, penalty-history update, stop/length detection."""
+    st, logits, running = decode_forward(cfg, model, state, mask)
     processed = process_logits(logits, st.num_generated, st.min_tokens, st.stop_ids, st.seen, st.counts,
                                st.repetition_penalty, st.presence_penalty, st.frequency_penalty)
     token = sample(processed, st.temperature, st.top_k, st.top_p, st.min_p, st.rng, st.num_generated)
@@ -285,21 +382,121 @@ def decode_steps(cfg: EngineConfig, model: Model, state: EngineState, num_steps:
     return jax.lax.scan(body, state, None, length=num_steps)
 
 
+# ----------------------------------------------------------------------------- insert
+@flax.struct.dataclass
+class InsertResult:
+    accepted: Bool[AnyArray, "batch"]  # False: no free slot or not enough free pages (row untouched)
+    slot: Int[AnyArray, "batch"]  # slot the request went to (max_slots when not accepted)
+    cached: Int[AnyArray, "batch"]  # prompt tokens reused from the prefix cache
+    token: Int[AnyArray, "batch"]  # first generated token
+    finished: Bool[AnyArray, "batch"]
+    # Raw-model logprobs (log_softmax before penalties/temperature; zeros unless some accepted
+    # row asked): the first token's, and the top max_logprobs ids and logprobs.
+    logprob: Float[AnyArray, "batch"]
+    top_ids: Int[AnyArray, "batch max_logprobs"]
+    top_logprobs: Float[AnyArray, "batch max_logprobs"]
+    # Prompt token i's logprob given tokens < i, and the top-k at that position (index 0, which
+    # has no prefix, is 0); zeros unless some accepted row asked for prompt_logprobs.
+    prompt_logprob: Float[AnyArray, "batch seq"]
+    prompt_top_ids: Int[AnyArray, "batch seq max_logprobs"]
+    prompt_top_logprobs: Float[AnyArray, "batch seq max_logprobs"]
+
+
+def insert(cfg: EngineConfig, model: Model, state: EngineState, req: Requests) -> tuple[EngineState, InsertResult]:
+    """Prefill a batch of requests into free slots and sample each one's first token:
+    `admit`, `prefill` of everything not cached, then one `decode` step of the new slots only
+    (the slots already running do not move)."""
+    s = cfg.max_slots
+    b, t = req.tokens.shape
+    state, adm = admit(cfg, state, req)
+    # The uncached part of each prompt, shifted to the row start (a row with a prefix hit never
+    # asks for prompt_logprobs, so prompt scores stay aligned with the prompt).
+    idx = jnp.clip(adm.cached[:, None] + jnp.arange(t)[None, :], 0, t - 1)
+    rest = jnp.take_along_axis(req.tokens, idx, axis=1)
+    lookahead = jnp.take_along_axis(req.tokens, jnp.maximum(req.length - 1, 0)[:, None], axis=1)[:, 0]
+    chunk = Chunk(slot=adm.slot, tokens=rest, n=req.length - 1 - adm.cached, lookahead=lookahead,
+                  prompt_logprobs=jnp.where(adm.accepted, req.prompt_logprobs, -1))
+    state, pre = prefill(cfg, model, state, chunk)
+    new = jnp.zeros((s,), bool).at[adm.slot].set(True, mode="drop")
+    state, dec = decode(cfg, model, state, new)
+    sc = jnp.minimum(adm.slot, s - 1)
+    shift = lambda x: jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, :-1]], axis=1)  # noqa: E731  align to token i
+    return state, InsertResult(
+        accepted=adm.accepted, slot=adm.slot, cached=adm.cached, token=dec.token[sc],
+        finished=state.finished[sc] & adm.accepted, logprob=dec.logprob[sc], top_ids=dec.top_ids[sc],
+        top_logprobs=dec.top_logprobs[sc], prompt_logprob=shift(pre.prompt_logprob),
+        prompt_top_ids=shift(pre.prompt_top_ids), prompt_top_logprobs=shift(pre.prompt_top_logprobs),
+    )
+
+
+# ----------------------------------------------------------------------------- fork
+# Per-slot fields copied from the source slot by `fork` (everything but the page table and RNG).
+_SLOT_FIELDS = ("active", "finished", "finish_reason", "request_id", "length", "prefill_len", "last_token",
+                "num_generated", "max_tokens", "temperature", "top_k", "top_p", "min_p", "stop_ids",
+                "min_tokens", "repetition_penalty", "presence_penalty", "frequency_penalty", "logprobs",
+                "seen", "counts")
+
+
+def fork(cfg: EngineConfig, state: EngineState, src: Int[Array, "batch"], dst: Int[Array, "batch"],
+         rng: UInt32[Array, "batch 2"]) -> tuple[EngineState, Bool[Array, "batch"]]:
+    """Parallel sampling: copy slot src[i] (prefill done, nothing decoded yet) into the free
+    slot dst[i] with its own RNG key. Rows with dst = max_slots are ignored.
+
+    Copy-on-write: the pages before the one holding position length (full, read-only from now
+    on) are shared (one more reference each); the page decode writes next, possibly partly
+    filled with prompt K/V, gets a fresh copy per sample, because every sample writes its own
+    tokens into it. Returns (state, done); a row fails (no-op) if src is not ready, dst is not
+    free, or no page is left.
+    """
+    s, ps, pps = cfg.max_slots, cfg.page_size, cfg.pages_per_seq
+    b = src.shape[0]
+    sc, dc = jnp.clip(src, 0, s - 1), jnp.clip(dst, 0, s - 1)
+    ok = (dst < s) & (src < s) & state.running[sc] & (state.length[sc] == state.prefill_len[sc]) & ~state.active[dc]
+    # A destination named twice takes the first row only.
+    first = jnp.arange(b) == jnp.argmax(dc[None, :] == dc[:, None], axis=1)
+    ok = ok & first
+    j_star = state.length[sc] // ps  # the page position `length` falls in (decode writes there)
+    a, fresh, granted = allocator.allocate(state.alloc, ok.astype(jnp.int32), 1)
+    ok = ok & granted
+    j = jnp.arange(pps)[None, :]
+    src_table = state.page_table[sc]
+    shared = ok[:, None] & (j < j_star[:, None])
+    table = jnp.where(shared, src_table, NULL_PAGE)
+    table = jnp.where(ok[:, None] & (j == j_star[:, None]), fresh[:, 0:1], table)
+    a = allocator.acquire(a, table, shared)
+    src_page = jnp.take_along_axis(src_table, jnp.minimum(j_star, pps - 1)[:, None], 1)[:, 0]
+    tgt_page = jnp.where(ok, fresh[:, 0], NULL_PAGE)
+    a = a.replace(tokens=a.tokens.at[tgt_page].set(a.tokens[src_page]))
+    tgt = jnp.where(ok, dst, s)
+    st = state.replace(
+        alloc=a,
+        k_pages=state.k_pages.at[:, tgt_page].set(state.k_pages[:, src_page]),
+        v_pages=state.v_pages.at[:, tgt_page].set(state.v_pages[:, src_page]),
+        page_table=state.page_table.at[tgt].set(table, mode="drop"),
+        rng=state.rng.at[tgt].set(rng.astype(state.rng.dtype), mode="drop"),
+        **{f: getattr(state, f).at[tgt].set(getattr(state, f)[sc], mode="drop") for f in _SLOT_FIELDS},
+    )
+    return st, ok
+
+
+# ----------------------------------------------------------------------------- evict
 def evict(cfg: EngineConfig, state: EngineState, mask: Bool[Array, "slots"] | None = None) -> EngineState:
     """Free the slots in `mask` (default: every finished slot): drop their page references and
-    clear their table rows. Pages whose count reaches 0 are free for the next allocation."""
+    clear their table rows. Pages whose count reaches 0 are free for the next allocation; the
+    full ones stay in the prefix cache until an allocation reuses them (LRU)."""
     if mask is None:
         mask = state.active & state.finished
     mask = mask & state.active
-    refcount = allocator.release(state.page_refcount, state.page_table, mask)
+    a = allocator.release(state.alloc, state.page_table, mask)
     return state.replace(
-        page_refcount=refcount,
+        alloc=a,
         page_table=jnp.where(mask[:, None], NULL_PAGE, state.page_table),
         active=state.active & ~mask,
         finished=state.finished & ~mask,
         finish_reason=jnp.where(mask, FINISH_NONE, state.finish_reason),
         request_id=jnp.where(mask, -1, state.request_id),
         length=jnp.where(mask, 0, state.length),
+        prefill_len=jnp.where(mask, 0, state.prefill_len),
         num_generated=jnp.where(mask, 0, state.num_generated),
         # Back to the defaults, so the penalty / logprob lax.conds take their cheap branch
         # once the requests that used them are gone.
@@ -311,9 +508,17 @@ def evict(cfg: EngineConfig, state: EngineState, mask: Bool[Array, "slots"] | No
     )
 
 
-# Jitted entry points. The state (argument 2) is donated: its buffers are reused for the result.
+def num_free_pages(state: EngineState) -> Int[Array, ""]:
+    return allocator.num_free(state.alloc)
+
+
+# Jitted entry points. The state is donated: its buffers are reused for the result.
+admit_jit = jax.jit(admit, static_argnums=0, donate_argnums=1)
+prefill_jit = jax.jit(prefill, static_argnums=0, donate_argnums=2)
 insert_jit = jax.jit(insert, static_argnums=0, donate_argnums=2)
 decode_forward_jit = jax.jit(decode_forward, static_argnums=0, donate_argnums=2)
 decode_jit = jax.jit(decode, static_argnums=0, donate_argnums=2)
 decode_steps_jit = jax.jit(decode_steps, static_argnums=(0, 3), donate_argnums=2)
+fork_jit = jax.jit(fork, static_argnums=0, donate_argnums=1)
 evict_jit = jax.jit(evict, static_argnums=0, donate_argnums=1)
+num_free_pages_jit = jax.jit(num_free_pages)

@@ -101,7 +101,12 @@ def emitted_by_slot(tokens, emitted, slot) -> list[int]:
 def host(state) -> types.SimpleNamespace:
     """Numpy copies of every field of a state or step result (those dataclasses must hold jax
     Arrays: the runtime type checks refuse numpy leaves, so no jax.device_get)."""
-    return types.SimpleNamespace(**{f.name: np.asarray(getattr(state, f.name)) for f in dataclasses.fields(state)})
+    out = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    if "alloc" in out:  # the allocator's arrays, flattened: page_refcount, page_cached, ...
+        a = out.pop("alloc")
+        out.update({f"page_{f.name}" if f.name != "clock" else "alloc_clock": getattr(a, f.name)
+                    for f in dataclasses.fields(a)})
+    return types.SimpleNamespace(**{k: np.asarray(v) for k, v in out.items()})
 
 
 def copy(state):
@@ -159,16 +164,19 @@ def test_insert_assigns_lowest_free_slots_and_exact_pages(tiny_model):
     np.testing.assert_array_equal(h.num_generated, [1, 1, 0, 0])
     np.testing.assert_array_equal(h.last_token[:2], res.token)
 
-    # Free slot 0: the next two requests take slot 0 (lowest free) and slot 2 (next free), and
-    # the lowest free pages: 5 tokens -> pages 1, 2 (freed by slot 0); 3 tokens -> page 6.
+    # Free slot 0: the next two requests take slot 0 (lowest free) and slot 2 (next free). Slot
+    # 0's full page 1 (tokens 0-3) stays in the prefix cache, so never-cached free pages go
+    # first, lowest id first: 5 tokens -> pages 2 (freed, partial) and 6; 3 tokens -> page 7.
     st = evict_jit(CFG, st, evict_mask(0))
     np.testing.assert_array_equal(host(st).page_refcount, refcount_with(3, 4, 5))
     st, res = insert(tiny_model, st, [P[5], P[3]], [greedy(8), greedy(8)], ids=[12, 13])
     np.testing.assert_array_equal(res.accepted, [True, True])
     np.testing.assert_array_equal(res.slot, [0, 2])
     h = host(st)
-    np.testing.assert_array_equal(h.page_table, [table_row(1, 2), table_row(3, 4, 5), table_row(6), table_row()])
-    np.testing.assert_array_equal(h.page_refcount, refcount_with(1, 2, 3, 4, 5, 6))
+    np.testing.assert_array_equal(h.page_table, [table_row(2, 6), table_row(3, 4, 5), table_row(7), table_row()])
+    np.testing.assert_array_equal(h.page_refcount, refcount_with(2, 3, 4, 5, 6, 7))
+    # Full pages in the cache: 1 (old, free), 3 and 4 (11 tokens), 2 (now P[5]'s tokens 0-3).
+    np.testing.assert_array_equal(np.nonzero(h.page_cached)[0], [1, 2, 3, 4])
     np.testing.assert_array_equal(h.request_id, [12, 11, 13, -1])
     np.testing.assert_array_equal(res.token, [oracle(tiny_model, P[5], 1)[0], oracle(tiny_model, P[3], 1)[0]])
 
@@ -197,7 +205,7 @@ def test_insert_rejects_when_no_slot_is_free(tiny_model):
 def test_insert_rejects_when_pages_are_short(tiny_model):
     # Pin pages 3..31 (as if held elsewhere) so only pages 1 and 2 are free.
     st = fresh(tiny_model)
-    st = st.replace(page_refcount=st.page_refcount.at[3:].set(1))
+    st = st.replace(alloc=st.alloc.replace(refcount=st.alloc.refcount.at[3:].set(1)))
     before = host(st)
     # 11 tokens need 3 pages: refused, and the 5-token request after it is refused too (grants
     # are a prefix of the batch), although it would fit alone.
@@ -285,7 +293,7 @@ def test_max_tokens_and_max_seq_len_finish_with_length(tiny_model):
 def test_out_of_pages_aborts_only_the_starved_slot(tiny_model):
     # Pin pages 6..31 so the pool has pages 1..5 only.
     st = fresh(tiny_model)
-    st = st.replace(page_refcount=st.page_refcount.at[6:].set(1))
+    st = st.replace(alloc=st.alloc.replace(refcount=st.alloc.refcount.at[6:].set(1)))
     st, res = insert(tiny_model, st, [P[5], P[7]], [greedy(10), greedy(5)])
     # Slot 0 has pages 1, 2 (positions 0..7), slot 1 pages 3, 4. Decode step j writes slot 0 at
     # 4 + j and slot 1 at 6 + j: at j=2 slot 1 (pos 8) takes page 5, the last free one; at j=4

@@ -191,6 +191,9 @@ class Engine:
         self._order = itertools.count()
         self._counters = collections.Counter()
         self._lengths = np.zeros(max_slots, np.int32)
+        # First pages (token tuples) some request has prefilled, newest last: a prompt starting
+        # with one is likely cached, so identical prompts in one admission batch need not wait.
+        self._prefilled_keys: collections.OrderedDict[tuple, None] = collections.OrderedDict()
 
     # ------------------------------------------------------------------ requests
     def _tokenize(self, prompt) -> list[int]:
@@ -349,7 +352,8 @@ class Engine:
                 break  # FIFO: wait for pages rather than let later requests overtake
             self._waiting.popleft()
             key = tuple(tokens[: cfg.page_size])
-            if cfg.prefix_caching and len(tokens) > cfg.page_size and key in first_pages:
+            if (cfg.prefix_caching and len(tokens) > cfg.page_size and key in first_pages
+                    and key not in self._prefilled_keys):
                 deferred.append(seq)  # admitted next step, reusing the pages this one caches
                 continue
             first_pages.add(key)
@@ -468,6 +472,11 @@ class Engine:
             for q, k in zip(rows, n):
                 q.prefill_pos += k
                 self._counters["prefill_tokens"] += k
+                if q.prefill_pos >= cfg.page_size:
+                    self._prefilled_keys[tuple(q.tokens[: cfg.page_size])] = None
+                    self._prefilled_keys.move_to_end(tuple(q.tokens[: cfg.page_size]))
+                    if len(self._prefilled_keys) > 4096:
+                        self._prefilled_keys.popitem(last=False)
         forks = []
         for q in list(self._slots):
             if q is None or q.slot is None or q.index != 0 or q.prefill_pos < q.prefill_len:

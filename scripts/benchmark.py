@@ -138,30 +138,49 @@ def engine_kwargs(args, slots: int, max_seq_len: int) -> dict:
 
 
 def jit_cache_sizes() -> dict:
+    """Number of compiled variants of each jitted entry point jaxinfer.Engine calls (see
+    jaxinfer/engine.py; insert_jit, admit + prefill + first decode in one call, is no longer one)."""
     from jaxinfer import steps
 
-    return {name: getattr(steps, name)._cache_size() for name in ("insert_jit", "decode_steps_jit", "evict_jit")}
+    names = ("admit_jit", "prefill_jit", "decode_steps_jit", "fork_jit", "evict_jit", "num_free_pages_jit")
+    return {name: getattr(steps, name)._cache_size() for name in names}
 
 
-def warm_up(model, kwargs: dict, max_prompt: int, log) -> dict:
-    """Compile (and run once) every (batch bucket, length bucket) insert the workload can use,
-    decode_steps and evict. Both modes share the compiled code (same EngineConfig)."""
+def warm_up(model, kwargs: dict, max_prompt: int, log, seed: int = 0) -> dict:
+    """Compile (and run once) admit and prefill for every (batch bucket, length bucket) pair the
+    workload can use, plus decode_steps, fork, evict and the free-page count. Both modes (and
+    every `prefill_chunk`) share the compiled code: they use the same EngineConfig, and a chunked
+    prefill only uses length buckets up to the chunk's, all of which are compiled here.
+
+    Every row gets a DISTINCT random prompt: identical prompts share their first page in the
+    prefix cache, so the engine would admit them one per step (batch bucket 1 only) and later
+    rows would hit the cache and prefill fewer tokens (a smaller length bucket). Random prompts
+    of fresh ids never hit the cache of earlier warm-up rows either."""
     import jaxinfer
 
+    kwargs = {k: v for k, v in kwargs.items() if k != "prefill_chunk"}  # whole prompts: every bucket
     engine = jaxinfer.Engine(model, mode="continuous", seed=0, **kwargs)
     cfg = engine.cfg
-    top = cfg.prefill_bucket(max_prompt)
+    vocab = model.config.vocab_size
+    low = min(3, vocab - 1)  # keep clear of the usual special ids 0..2
+    rng = np.random.default_rng(seed + 12345)
+    top = cfg.prefill_bucket(min(max_prompt, cfg.max_seq_len - 1))
     lengths = [t for t in cfg.prefill_buckets if t <= top]
     sp = jaxinfer.SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     before = jit_cache_sizes()
     t0 = time.perf_counter()
     for b in cfg.batch_buckets:
         for t in lengths:
-            engine.generate([[3] * min(t, cfg.max_seq_len - 1)] * b, sp)
+            n = min(t, cfg.max_seq_len - 1)
+            engine.generate([rng.integers(low, vocab, n).tolist() for _ in range(b)], sp)
+    if cfg.max_slots >= 2:  # fork (SamplingParams.n > 1), so that it is compiled as well
+        engine.generate([rng.integers(low, vocab, lengths[0]).tolist()],
+                        jaxinfer.SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, n=2))
     seconds = time.perf_counter() - t0
     after = jit_cache_sizes()
     log(f"warm-up: compiled/ran {len(cfg.batch_buckets)} batch buckets x {len(lengths)} length buckets "
-        f"{cfg.batch_buckets} x {tuple(lengths)} + decode + evict in {seconds:.1f} s (excluded from timing)")
+        f"{cfg.batch_buckets} x {tuple(lengths)} (admit + prefill) + decode + fork + evict in {seconds:.1f} s "
+        f"(excluded from timing)")
     return {"seconds": seconds, "batch_buckets": list(cfg.batch_buckets), "length_buckets": lengths,
             "new_compilations": {k: after[k] - before[k] for k in after}}
 

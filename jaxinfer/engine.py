@@ -120,6 +120,7 @@ class _Seq:
     prefill_len: int = 0
     tokens: list[int] = dataclasses.field(default_factory=list)  # what admit got: prompt (+ output when resumed)
     forks: list["_Seq"] = dataclasses.field(default_factory=list)  # samples to fork after prefill (index 0 only)
+    forked: bool = False  # for samples > 0: created from sample 0 (or on their own after a failed fork)
     pending: list[int] = dataclasses.field(default_factory=list)
     pending_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
     stopped: bool = False  # a stop string matched: later tokens are dropped, the slot is freed
@@ -318,8 +319,7 @@ class Engine:
             victim = max(live, key=lambda q: q.order)
             mask = np.zeros(self.cfg.max_slots, bool)
             group = [victim]
-            if victim.index == 0 and victim.forks and any(f.slot is None for f in victim.forks):
-                group += [f for f in victim.forks if f.slot is None]  # not forked yet: requeue the whole request
+            group += [f for f in victim.forks if not f.forked]  # not forked yet: they requeue with sample 0
             for q in group:
                 for s, occupant in enumerate(self._slots):
                     if occupant is q:
@@ -344,7 +344,7 @@ class Engine:
         while self._waiting and len(batch) < cfg.max_prefill_batch:
             seq = self._waiting[0]
             tokens = self._resume_tokens(seq)
-            samples = 1 + len([f for f in seq.forks if f.slot is None]) if seq.index == 0 and not seq.out.token_ids else 1
+            samples = 1 + sum(not f.forked for f in seq.forks)
             if samples > len(free_slots):
                 break
             cost = self._admission_cost(seq, len(tokens), samples)
@@ -363,7 +363,7 @@ class Engine:
             self._slots[seq.slot] = seq
             if samples > 1:
                 for f in seq.forks:
-                    if f.slot is None:
+                    if not f.forked:
                         f.tokens = tokens
                         self._slots[free_slots.pop(0)] = f  # reserved; f.slot is set by the fork
             batch.append(seq)
@@ -435,7 +435,7 @@ class Engine:
         for row, q in enumerate(batch):
             if not res.accepted[row]:  # cannot happen with the accounting above; requeue
                 for s, occupant in enumerate(self._slots):
-                    if occupant is q or (occupant is not None and occupant in q.forks):
+                    if occupant is q or (occupant is not None and occupant in q.forks and not occupant.forked):
                         self._slots[s] = None
                 q.slot = None
                 self._waiting.appendleft(q)
@@ -482,11 +482,11 @@ class Engine:
             if q is None or q.slot is None or q.index != 0 or q.prefill_pos < q.prefill_len:
                 continue
             for f in q.forks:
-                if f.slot is None and f in self._slots:
+                if not f.forked and f in self._slots:
                     s = self._slots.index(f)
                     self.state, ok = fork_jit(cfg, self.state, jnp.asarray([q.slot], jnp.int32), jnp.asarray([s], jnp.int32),
                                               jnp.asarray(sample_key(q.req.params.seed, f.index)[None]))
-                    f.slot, f.order = s, next(self._order)
+                    f.slot, f.order, f.forked = s, next(self._order), True
                     f.prefill_pos = f.prefill_len = q.prefill_len
                     f.tokens = q.tokens
                     forks.append((f, ok))

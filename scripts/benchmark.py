@@ -249,10 +249,10 @@ def profile_run(model, kwargs: dict, wl: Workload) -> dict:
     import jaxinfer
     import jaxinfer.engine as eng_mod
 
-    names = ("insert_jit", "decode_steps_jit", "evict_jit")
+    names = ("admit_jit", "prefill_jit", "fork_jit", "decode_steps_jit", "evict_jit", "num_free_pages_jit")
     spent = dict.fromkeys(names, 0.0)
     calls = dict.fromkeys(names, 0)
-    insert_shapes: collections.Counter = collections.Counter()
+    prefill_shapes: collections.Counter = collections.Counter()
     originals = {n: getattr(eng_mod, n) for n in names}
 
     def timed(name):
@@ -264,8 +264,8 @@ def profile_run(model, kwargs: dict, wl: Workload) -> dict:
             jax.block_until_ready(r)
             spent[name] += time.perf_counter() - t
             calls[name] += 1
-            if name == "insert_jit":
-                insert_shapes[str(tuple(a[3].tokens.shape))] += 1
+            if name == "prefill_jit":
+                prefill_shapes[str(tuple(a[3].tokens.shape))] += 1
             return r
         return call
 
@@ -291,12 +291,14 @@ def profile_run(model, kwargs: dict, wl: Workload) -> dict:
     decode_tokens_computed = calls["decode_steps_jit"] * cfg.decode_steps * cfg.max_slots
     return {
         "total_s": total, "steps": steps, "output_tokens": tokens,
-        "insert_s": spent["insert_jit"], "insert_calls": calls["insert_jit"],
-        "insert_shapes_batch_x_len": dict(insert_shapes),
+        "admit_s": spent["admit_jit"], "admit_calls": calls["admit_jit"],
+        "prefill_s": spent["prefill_jit"], "prefill_calls": calls["prefill_jit"],
+        "prefill_shapes_batch_x_len": dict(prefill_shapes),
+        "fork_s": spent["fork_jit"], "free_pages_s": spent["num_free_pages_jit"],
         "decode_steps_s": spent["decode_steps_jit"], "decode_steps_calls": calls["decode_steps_jit"],
         "decode_ms_per_step": 1000 * spent["decode_steps_jit"] / max(1, calls["decode_steps_jit"] * cfg.decode_steps),
-        # tokens from decode (the first token of each request comes from insert) / slot-steps run
-        "decode_slot_utilisation": (tokens - len(wl.prompts)) / max(1, decode_tokens_computed),
+        # every token comes from decode (a request's first one too) / slot-steps run
+        "decode_slot_utilisation": tokens / max(1, decode_tokens_computed),
         "evict_s": spent["evict_jit"], "evict_calls": calls["evict_jit"],
         "host_in_step_s": step_time - device, "outside_step_s": total - step_time,
     }
@@ -304,11 +306,12 @@ def profile_run(model, kwargs: dict, wl: Workload) -> dict:
 
 def print_profile(p: dict, log) -> None:
     log(f"\n== profile (continuous offline run, every device call blocked on) ==")
-    for key, label in (("insert_s", "insert (prefill)"), ("decode_steps_s", "decode_steps"), ("evict_s", "evict"),
+    for key, label in (("admit_s", "admit"), ("prefill_s", "prefill"), ("decode_steps_s", "decode_steps"),
+                       ("evict_s", "evict"), ("fork_s", "fork"), ("free_pages_s", "free-page count"),
                        ("host_in_step_s", "host, inside step()"), ("outside_step_s", "host, outside step()")):
         log(f"{label:<22}{p[key]:>8.3f} s {p[key] / p['total_s']:>6.1%}")
-    log(f"{'total':<22}{p['total_s']:>8.3f} s; {p['steps']} steps, {p['insert_calls']} inserts "
-        f"{p['insert_shapes_batch_x_len']}, decode {p['decode_ms_per_step']:.2f} ms per decode step, "
+    log(f"{'total':<22}{p['total_s']:>8.3f} s; {p['steps']} steps, {p['prefill_calls']} prefills "
+        f"{p['prefill_shapes_batch_x_len']}, decode {p['decode_ms_per_step']:.2f} ms per decode step, "
         f"{p['decode_slot_utilisation']:.0%} of computed slot-steps produced a token")
 
 
@@ -569,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeat", type=int, default=1,
                     help="timed runs per mode (interleaved across modes); the median run by output tok/s is reported")
     ap.add_argument("--profile", action="store_true",
-                    help="one extra, instrumented continuous offline run: time in insert / decode_steps / evict "
+                    help="one extra, instrumented continuous offline run: time in admit / prefill / decode_steps / evict "
                          "(each blocked on) and on the host")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     ap.add_argument("--replot", metavar="JSON", help="only redraw --plots from an earlier --json file")

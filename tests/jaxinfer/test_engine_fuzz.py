@@ -182,7 +182,7 @@ def _run_case(model, case):
 
 
 def test_engine_fuzz(tiny_model):
-    @settings(max_examples=20, deadline=None, derandomize=True, database=None,
+    @settings(max_examples=25, deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(case=_case)
     def fuzz(case):

@@ -1,0 +1,153 @@
+"""Batch invariance: a request's greedy tokens and logprobs are bitwise identical whether it
+runs alone or among 31 others -- with the precise scope below.
+
+Claim (tested here on the CPU reference attention backend, float32 tiny model, max_slots=32):
+
+1. Decode is batch invariant, bitwise. `decode_steps` always runs all `max_slots` rows (idle
+   slots included), so every decode matmul / attention / softmax / top-k has the same shape
+   whatever the number of running requests; every computation is per row (the attention of a
+   slot reads only its own pages, masked by its own length; log_softmax and top-k are per row;
+   the sampler draws from the slot's own key folded with its token index), so a row's result
+   depends only on that row's data. Hence a request whose prompt is prefilled with the same
+   (batch bucket x length bucket) shape -- e.g. admitted in a step of its own while 31 others
+   are decoding, or a 1-token prompt, which has nothing to prefill -- gets bitwise identical
+   tokens and logprobs, greedy or seeded sampling, in whatever slot it lands.
+
+2. Prefill is NOT bitwise batch invariant on XLA:CPU. Prefill runs the model on a padded
+   [batch bucket, length bucket] block, i.e. the projections are [b*t, hidden] @ [hidden, out]
+   matmuls whose row count depends on the other requests admitted in the same step (and on the
+   longest of them, via the length bucket). XLA:CPU computes a row of such a dot differently
+   (different kernel / K-reduction blocking) depending on the total row count: with this jax
+   (0.10.x) `x[:M] @ w` for w [64, 48] gives row 0 bitwise equal to M=1 for M <= 48 and
+   different (1 ulp-ish) for M >= 63. So X alone (prefill block [1, 16], 16 rows) and X
+   admitted together with 31 prompts of up to 40 tokens (block [32, 64], 2048 rows) get K/V
+   that differ by ~2e-7 from layer 0 on, and its logprobs differ in the last bits (tokens agree
+   unless a top-2 gap is that small). `test_prefill_in_a_shared_batch_is_only_close` pins that
+   down (close to 1e-5, tokens equal) and the strict bitwise version is an xfail.
+
+Other backends / dtypes (not tested here): the argument for (1) needs only fixed shapes and
+deterministic per-row kernels, so it should hold on GPU as well for deterministic kernels, and
+for bf16 too; (2) is expected everywhere, since GPU GEMM libraries also pick algorithms (tiling,
+split-K) by shape. The tests are CPU-specific and skip elsewhere.
+
+The checks can fail: a one-token change in the prompt changes the logprobs (so any leak of
+another slot's K/V, or another row's values, into the request would show), and the shared
+engine's 31 others are verified to be running through all of X's decode steps.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxinfer
+from jaxinfer import SamplingParams
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="claim stated for the CPU reference backend")
+
+CFG = dict(max_slots=32, page_size=8, num_pages=32 * 8 + 1, max_seq_len=64, decode_steps=4,
+           attention_backend="reference")
+VOCAB = 258
+
+_rng = np.random.default_rng(0)
+X = _rng.integers(0, 256, 13).tolist()
+GREEDY = SamplingParams(max_tokens=16, temperature=0.0, logprobs=5, ignore_eos=True)
+SAMPLED = SamplingParams(max_tokens=16, temperature=1.0, seed=1234, logprobs=5, ignore_eos=True)
+# Others: long enough outputs that they are still running when X finishes.
+OTHER = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+
+
+def _others(seed, n=31, lo=1, hi=21):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, int(rng.integers(lo, hi))).tolist() for _ in range(n)]
+
+
+def _alone(model, prompt, sp):
+    engine = jaxinfer.Engine(model, **CFG)
+    out = engine.generate([prompt], sp)[0]
+    assert engine.stats()["pages_used"] == 0
+    return out
+
+
+def _among_31_decoding(model, prompt, sp, seed=1):
+    """X admitted (and prefilled alone) while 31 others are decoding; they keep decoding through
+    all of X's decode steps."""
+    engine = jaxinfer.Engine(model, **CFG)
+    others = [engine.add_request(p, OTHER) for p in _others(seed)]
+    engine.step()  # the 31 are admitted, prefilled together and decode 4 tokens
+    assert engine.stats()["running"] == 31 and len(others) == 31
+    out = engine.generate([prompt], sp)[0]
+    # X ran in decode steps where all 32 slots were running: none of the others is done yet.
+    assert engine.stats()["running"] == 31, engine.stats()
+    return out
+
+
+def _among_31_same_step(model, prompt, sp, seed=2, lo=1, hi=41, position=15):
+    """X submitted together with 31 others: admitted and prefilled in the same batch."""
+    engine = jaxinfer.Engine(model, **CFG)
+    prompts = _others(seed, lo=lo, hi=hi)
+    prompts.insert(position, prompt)
+    outs = engine.generate(prompts, [OTHER] * position + [sp] + [OTHER] * (31 - position))
+    return outs[position]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    assert tiny_model.dtype == jnp.float32
+    return tiny_model
+
+
+def _assert_identical(a, b):
+    assert a.token_ids == b.token_ids
+    assert len(a.logprobs) == len(b.logprobs) == len(a.token_ids)
+    for i, (x, y) in enumerate(zip(a.logprobs, b.logprobs)):
+        # Bitwise: same keys, and == on Python floats (converted from float32) is exact.
+        assert x == y, f"token {i}: alone {x} vs batched {y}"
+
+
+def test_greedy_decode_is_bitwise_batch_invariant(model):
+    _assert_identical(_alone(model, X, GREEDY), _among_31_decoding(model, X, GREEDY))
+
+
+def test_seeded_sampling_is_bitwise_batch_invariant(model):
+    alone = _alone(model, X, SAMPLED)
+    _assert_identical(alone, _among_31_decoding(model, X, SAMPLED))
+    # Sampled tokens agree with the prefill in a shared batch as well (a sample can only flip if
+    # its uniform draw falls within ~1e-7 of a CDF boundary).
+    assert _among_31_same_step(model, X, SAMPLED).token_ids == alone.token_ids
+    # And the sample is really random: greedy differs.
+    assert alone.token_ids != _alone(model, X, GREEDY).token_ids
+
+
+def test_one_token_prompt_in_a_shared_admission_batch(model):
+    """A 1-token prompt has nothing to prefill (its token is fed by decode): bitwise identical
+    even when admitted in the same step as 31 prompts of up to 40 tokens."""
+    p = X[:1]
+    _assert_identical(_alone(model, p, GREEDY), _among_31_same_step(model, p, GREEDY, position=31))
+
+
+def test_prefill_in_a_shared_batch_is_only_close(model):
+    """X prefilled in one [32, 64] block with 31 others vs alone in a [1, 16] block: XLA:CPU's
+    dot rounds differently for the two row counts, so logprobs agree to ~1e-6, not bitwise."""
+    alone, shared = _alone(model, X, GREEDY), _among_31_same_step(model, X, GREEDY)
+    assert shared.token_ids == alone.token_ids
+    for x, y in zip(alone.logprobs, shared.logprobs):
+        assert x.keys() == y.keys()
+        np.testing.assert_allclose([y[k] for k in x], list(x.values()), rtol=0, atol=1e-5)
+
+
+@pytest.mark.xfail(reason="prefill is not bitwise batch invariant on XLA:CPU: the projection "
+                          "matmuls' rounding depends on the [batch*length] row count (module docstring)",
+                   strict=False)
+def test_prefill_in_a_shared_batch_bitwise(model):
+    _assert_identical(_alone(model, X, GREEDY), _among_31_same_step(model, X, GREEDY))
+
+
+def test_checks_are_sensitive(model):
+    """Control: a one-token change of the prompt changes the logprobs, so the exact comparison
+    above would catch another slot's data reaching the request."""
+    y = [(X[0] + 1) % 256] + X[1:]
+    a, b = _alone(model, X, GREEDY), _alone(model, y, GREEDY)
+    assert a.logprobs[0] != b.logprobs[0]

@@ -142,7 +142,13 @@ class Engine:
     per host sync. `mode="static"` admits new requests only when every slot is empty.
     `prefill_chunk`: at most this many prompt tokens per slot per step (chunked prefill: a long
     prompt no longer stalls the running requests for its whole prefill); None = whole prompts.
-    `prefix_caching`: reuse the KV pages of cached prompt prefixes.
+    `prefix_caching`: reuse the KV pages of cached prompt prefixes (default: on, except with
+    `batch_invariant`, since a cached page's K/V were computed in another request's batch).
+    `batch_invariant`: prefill each prompt in a call of its own, so its computation never
+    depends on what else was admitted with it (XLA's matmuls round differently for different row
+    counts); with decode's fixed [max_slots] shape this makes a request's tokens and logprobs
+    bitwise identical alone or in any batch (docs/architecture.md, "Batch invariance"). Costs
+    prefill batching.
     """
 
     def __init__(
@@ -164,7 +170,8 @@ class Engine:
         seed: int | None = None,
         add_bos: bool = True,
         prefill_chunk: int | None = None,
-        prefix_caching: bool = True,
+        prefix_caching: bool | None = None,
+        batch_invariant: bool = False,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -175,6 +182,9 @@ class Engine:
         self.add_bos = add_bos
         self.mode = mode
         self.prefill_chunk = prefill_chunk
+        self.batch_invariant = batch_invariant
+        if prefix_caching is None:  # a cached page was computed in some other request's batch
+            prefix_caching = not batch_invariant
         self.cfg = EngineConfig(
             max_slots=max_slots, page_size=page_size, num_pages=num_pages, max_seq_len=max_seq_len,
             prefill_buckets=tuple(prefill_buckets), max_prefill_batch=max_prefill_batch,
@@ -192,6 +202,8 @@ class Engine:
         self._order = itertools.count()
         self._counters = collections.Counter()
         self._lengths = np.zeros(max_slots, np.int32)
+        self._live: dict[int, _Request] = {}  # unfinished requests by id
+        self._aborted: list[_Seq] = []  # aborted samples whose final delta is still due
         # First pages (token tuples) some request has prefilled, newest last: a prompt starting
         # with one is likely cached, so identical prompts in one admission batch need not wait.
         self._prefilled_keys: collections.OrderedDict[tuple, None] = collections.OrderedDict()
@@ -276,10 +288,35 @@ class Engine:
         engine (and every other request) untouched."""
         req = self._check(prompt, params if params is not None else SamplingParams())
         self._waiting.append(req.seqs[0])
+        self._live[req.rid] = req
         return req.rid
 
+    def abort(self, request_id: int) -> bool:
+        """Stop a request (every sample) now: waiting samples leave the queue, running ones free
+        their slots. Unfinished samples finish with reason "abort"; their final deltas come with
+        the next `step()`. Returns False if the id is unknown or the request already finished."""
+        req = self._live.get(request_id)
+        if req is None:
+            return False
+        for seq in [q for q in self._waiting if q.req is req]:
+            self._waiting.remove(seq)
+        mask = np.zeros(self.cfg.max_slots, bool)
+        for s, seq in enumerate(self._slots):
+            if seq is not None and seq.req is req:
+                self._slots[s] = None
+                mask[s] = seq.slot is not None
+                seq.slot = None
+        if mask.any():
+            self.state = evict_jit(self.cfg, self.state, jnp.asarray(mask))
+        for seq in req.seqs:
+            if not seq.finished:
+                seq.out.finish_reason = "abort"
+                self._aborted.append(seq)
+        del self._live[request_id]
+        return True
+
     def has_unfinished(self) -> bool:
-        return bool(self._waiting) or any(r is not None for r in self._slots)
+        return bool(self._waiting) or any(r is not None for r in self._slots) or bool(self._aborted)
 
     # ------------------------------------------------------------------ scheduling
     def _growth(self, seq: _Seq, length: int, ntok: int) -> int:
@@ -386,13 +423,14 @@ class Engine:
         if any(q is not None for q in self._slots):
             self.state, dec = decode_steps_jit(cfg, self.model, self.state, cfg.decode_steps)
         pre_res, fork_ok, dec, finished, reason = jax.device_get(
-            (pre and pre[0], [ok for _, ok in forks], dec, self.state.active & self.state.finished,
+            ([r for r, _ in pre], [ok for _, ok in forks], dec, self.state.active & self.state.finished,
              self.state.finish_reason)
         )
         now = time.perf_counter()
-        touched: dict[int, _Seq] = {}
-        if pre:
-            self._collect_prefill(pre_res, pre[1])
+        touched: dict[int, _Seq] = {id(q): q for q in self._aborted}
+        self._aborted = []
+        for res, (_, rows) in zip(pre_res, pre):
+            self._collect_prefill(res, rows)
         for (seq, _), ok in zip(forks, fork_ok):
             if not ok[0]:  # no page for the copy (cannot happen with the accounting): retry later
                 self._slots[seq.slot] = None
@@ -416,6 +454,9 @@ class Engine:
             # An explicit mask (always, so evict compiles once): a slot stopped by a stop string
             # is still running on device and is freed here like a finished one.
             self.state = evict_jit(cfg, self.state, jnp.asarray(mask))
+        for seq in touched.values():
+            if seq.req.out.finished:
+                self._live.pop(seq.req.rid, None)
         return [self._delta(seq, now) for seq in touched.values()]
 
     def _run_admit(self, batch: list[_Seq]) -> None:
@@ -453,8 +494,9 @@ class Engine:
         cfg = self.cfg
         rows = sorted((q for q in self._slots if q is not None and q.slot is not None and q.prefill_pos < q.prefill_len),
                       key=lambda q: q.order)[: cfg.max_prefill_batch]
-        pre = None
-        if rows:
+        pre = []
+        groups = [[q] for q in rows] if self.batch_invariant else ([rows] if rows else [])
+        for rows in groups:
             limit = self.prefill_chunk or cfg.max_seq_len
             n = [min(q.prefill_len - q.prefill_pos, limit) for q in rows]
             b, t = cfg.batch_bucket(len(rows)), cfg.prefill_bucket(max(n))
@@ -468,7 +510,7 @@ class Engine:
                     plp[i] = min(q.req.params.prompt_logprobs, cfg.max_logprobs)
             self.state, res = prefill_jit(cfg, self.model, self.state,
                                           Chunk(slot=slot, tokens=tokens, n=nn, lookahead=look, prompt_logprobs=plp))
-            pre = (res, [(q, q.prefill_pos, k) for q, k in zip(rows, n)])
+            pre.append((res, [(q, q.prefill_pos, k) for q, k in zip(rows, n)]))
             for q, k in zip(rows, n):
                 q.prefill_pos += k
                 self._counters["prefill_tokens"] += k
@@ -571,6 +613,7 @@ class Engine:
             except InvalidRequestError as e:
                 raise InvalidRequestError(f"request {i}: {e}") from None
         self._waiting.extend(r.seqs[0] for r in reqs)
+        self._live.update((r.rid, r) for r in reqs)
         return reqs
 
     def stream(self, prompts, params=None) -> Iterator[StreamDelta]:

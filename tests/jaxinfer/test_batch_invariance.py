@@ -17,13 +17,20 @@ Claim (tested here on the CPU reference attention backend, float32 tiny model, m
    [batch bucket, length bucket] block, i.e. the projections are [b*t, hidden] @ [hidden, out]
    matmuls whose row count depends on the other requests admitted in the same step (and on the
    longest of them, via the length bucket). XLA:CPU computes a row of such a dot differently
-   (different kernel / K-reduction blocking) depending on the total row count: with this jax
-   (0.10.x) `x[:M] @ w` for w [64, 48] gives row 0 bitwise equal to M=1 for M <= 48 and
-   different (1 ulp-ish) for M >= 63. So X alone (prefill block [1, 16], 16 rows) and X
+   (different kernel / K-reduction blocking) depending on the total row count: e.g. with jax
+   0.10.2 `x[:M] @ w` for a jitted f32 dot with w [64, 48] gives row 0 bitwise equal to the M=1
+   result for M <= 48 and different in the last bits for M >= 63. So X alone (prefill block [1, 16], 16 rows) and X
    admitted together with 31 prompts of up to 40 tokens (block [32, 64], 2048 rows) get K/V
    that differ by ~2e-7 from layer 0 on, and its logprobs differ in the last bits (tokens agree
    unless a top-2 gap is that small). `test_prefill_in_a_shared_batch_is_only_close` pins that
-   down (close to 1e-5, tokens equal) and the strict bitwise version is an xfail.
+   down (close to 1e-5, tokens equal) for the default engine.
+
+3. `Engine(batch_invariant=True)` closes that gap: each prompt is prefilled in a call of its
+   own, [1, bucket(own length or chunk)], so its prefill shape depends only on the request; and
+   prefix caching is off by default in that mode (a cached page's K/V were computed inside some
+   other request's prefill block). Then X is bitwise identical alone and prefilled "together"
+   with 31 others (`test_batch_invariant_engine_prefill_bitwise`). The price is prefill
+   batching: one prefill call per prompt per step.
 
 Other backends / dtypes (not tested here): the argument for (1) needs only fixed shapes and
 deterministic per-row kernels, so it should hold on GPU as well for deterministic kernels, and
@@ -64,8 +71,8 @@ def _others(seed, n=31, lo=1, hi=21):
     return [rng.integers(0, 256, int(rng.integers(lo, hi))).tolist() for _ in range(n)]
 
 
-def _alone(model, prompt, sp):
-    engine = jaxinfer.Engine(model, **CFG)
+def _alone(model, prompt, sp, **kw):
+    engine = jaxinfer.Engine(model, **CFG, **kw)
     out = engine.generate([prompt], sp)[0]
     assert engine.stats()["pages_used"] == 0
     return out
@@ -84,9 +91,9 @@ def _among_31_decoding(model, prompt, sp, seed=1):
     return out
 
 
-def _among_31_same_step(model, prompt, sp, seed=2, lo=1, hi=41, position=15):
-    """X submitted together with 31 others: admitted and prefilled in the same batch."""
-    engine = jaxinfer.Engine(model, **CFG)
+def _among_31_same_step(model, prompt, sp, seed=2, lo=1, hi=41, position=15, **kw):
+    """X submitted together with 31 others: admitted (and, by default, prefilled) in the same batch."""
+    engine = jaxinfer.Engine(model, **CFG, **kw)
     prompts = _others(seed, lo=lo, hi=hi)
     prompts.insert(position, prompt)
     outs = engine.generate(prompts, [OTHER] * position + [sp] + [OTHER] * (31 - position))
@@ -138,11 +145,12 @@ def test_prefill_in_a_shared_batch_is_only_close(model):
         np.testing.assert_allclose([y[k] for k in x], list(x.values()), rtol=0, atol=1e-5)
 
 
-@pytest.mark.xfail(reason="prefill is not bitwise batch invariant on XLA:CPU: the projection "
-                          "matmuls' rounding depends on the [batch*length] row count (module docstring)",
-                   strict=False)
-def test_prefill_in_a_shared_batch_bitwise(model):
-    _assert_identical(_alone(model, X, GREEDY), _among_31_same_step(model, X, GREEDY))
+def test_batch_invariant_engine_prefill_bitwise(model):
+    """batch_invariant=True: X submitted with 31 others (same admission step) is bitwise
+    identical to X alone, greedy and seeded sampling."""
+    for sp in (GREEDY, SAMPLED):
+        _assert_identical(_alone(model, X, sp, batch_invariant=True),
+                          _among_31_same_step(model, X, sp, batch_invariant=True))
 
 
 def test_checks_are_sensitive(model):

@@ -265,3 +265,28 @@ def test_stats_account_for_every_page(tiny_model):
     engine.run_until_idle()
     s = engine.stats()
     assert s["pages_used"] == 0 and s["running"] == 0 and s["waiting"] == 0 and s["preemptions"] == 0
+
+
+def test_abort_running_and_waiting_requests(tiny_model):
+    vocab = tiny_model.config.vocab_size
+    prompts = _prompts(6, vocab, seed=14, lo=3, hi=20)
+    ref = _engine(tiny_model).generate(prompts, GREEDY)
+    engine = _engine(tiny_model)  # 4 slots: requests 4, 5 wait
+    seen: dict[int, list] = {i: [] for i in range(6)}
+    reasons: dict[int, list] = {i: [] for i in range(6)}
+    aborted = False
+    for d in engine.stream(prompts, GREEDY):
+        seen[d.index] += d.token_ids
+        if d.finish_reason is not None:
+            reasons[d.index].append(d.finish_reason)
+        if not aborted:
+            assert engine.abort(1) and engine.abort(5)  # running / waiting
+            assert not engine.abort(99)
+            aborted = True
+    assert reasons[1] == ["abort"] and reasons[5] == ["abort"] and seen[5] == []
+    assert not engine.abort(1)  # already finished
+    for i in (0, 2, 3, 4):
+        assert seen[i] == ref[i].token_ids and reasons[i] == ["length"]
+    assert seen[1] == ref[1].token_ids[: len(seen[1])] and len(seen[1]) < len(ref[1].token_ids)
+    s = engine.stats()
+    assert s["pages_used"] == 0 and s["running"] == 0 and s["waiting"] == 0 and not engine.has_unfinished()

@@ -3,14 +3,21 @@
 - `assets_dir`: the shared test assets (tokenizers, small checkpoints) that live next to the
   repository, at <repo>/../shared/assets. Tests that need them skip, with the path in the
   reason, when they are absent (e.g. a fresh clone without the assets).
+- `_release_compiled_code` (autouse, per module): XLA:CPU maps memory for every compiled
+  executable and keeps it while the jit caches hold the executable. The suite compiles thousands
+  (every engine shape of every test), which once pushed the process past the kernel's
+  vm.max_map_count (65530) and crashed XLA mid-compile (segfault / abort in
+  backend_compile_and_load). Clearing the caches after each module keeps the count ~600.
 - `tiny_model`: the "tiny" preset (vocab 258, 4 layers, hidden 64) with deterministic random
   weights (seed 0), built once per session so every test reuses the same jit cache entries.
 """
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
+import jax
 import pytest
 
 ASSETS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
@@ -29,3 +36,10 @@ def tiny_model():
     from jaxinfer.weights import dummy_model
 
     return dummy_model(get_preset("tiny"), seed=0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    yield
+    jax.clear_caches()
+    gc.collect()

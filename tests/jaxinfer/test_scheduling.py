@@ -53,13 +53,23 @@ def test_shared_system_prompt_uses_fewer_pages_and_prefills_fewer_tokens(tiny_mo
     for caching in (False, True):
         engine = jaxinfer.Engine(tiny_model, max_slots=16, page_size=16, num_pages=400, max_seq_len=256,
                                  decode_steps=4, prefix_caching=caching)
-        for i, p in enumerate(prompts):
-            engine.add_request(p, params)
+        ids = [engine.add_request(p, params) for p in prompts]
+        tokens = {i: [] for i in ids}
+        logprobs = {i: [] for i in ids}
         peak = 0
         while engine.has_unfinished():
-            engine.step()
+            for d in engine.step():
+                tokens[d.request_id] += d.token_ids
+                logprobs[d.request_id] += d.logprobs
             peak = max(peak, engine.stats()["pages_used"])
         runs[caching] = (engine, peak)
+        runs[caching, "out"] = ([tokens[i] for i in ids], [logprobs[i] for i in ids])
+    # Identical outputs: same greedy tokens; logprobs equal to float noise (the followers'
+    # prefill starts at position 192 and attends to cached pages: a different computation shape).
+    assert runs[True, "out"][0] == runs[False, "out"][0]
+    assert all(len(t) == 8 for t in runs[True, "out"][0])
+    for a, b in zip(runs[True, "out"][1], runs[False, "out"][1]):
+        _close_logprobs(a, b)
     (plain, peak_plain), (shared, peak_shared) = runs[False], runs[True]
     lengths = [len(p) for p in prompts]
     s_plain, s_shared = plain.stats(), shared.stats()

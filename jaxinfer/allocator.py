@@ -183,15 +183,14 @@ def register_full_pages(a: PageAllocator, page_table: Int[Array, "n pages_per_se
     Walks the row's pages in order, because page j's hash needs page j-1's."""
     ps = a.page_size
 
-    def body(a, j):
+    def body(j, a):
         page = page_table[:, j]
-        parent = page_table[:, j - 1] if j > 0 else jnp.full_like(page, NULL_PAGE)
+        parent = jnp.where(j > 0, page_table[:, jnp.maximum(j - 1, 0)], NULL_PAGE)
         full = mask & ((j + 1) * ps <= length) & ~a.cached[page] & (page != NULL_PAGE)
-        return register(a, page, parent, full), None
+        return register(a, page, parent, full)
 
-    for j in range(page_table.shape[1]):  # static, short (pages_per_seq): keeps `j` a constant
-        a, _ = body(a, j)
-    return a
+    # A loop, not an unrolled Python for: the program stays small for long page tables.
+    return jax.lax.fori_loop(0, page_table.shape[1], body, a)
 
 
 def lookup(a: PageAllocator, tokens: Int[Array, "n seq"], max_pages: Int[Array, "n"]) -> tuple[Int[Array, "n hit_pages"], Int[Array, "n"]]:

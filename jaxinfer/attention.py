@@ -138,11 +138,12 @@ def chunk_attention_reference(
     if sliding_window is not None:
         allowed &= qpos[:, :, None] - kpos[None, None, :] < sliding_window
     qg = q.reshape(b, t, kvh, g, d).astype(jnp.float32)
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32)) * d**-0.5
+    hi = jax.lax.Precision.HIGHEST  # as the other references: no TF32 on GPU
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32), precision=hi) * d**-0.5
     s = jnp.where(allowed[:, None, None], s, -jnp.inf)
     p = jax.nn.softmax(s, axis=-1)
     p = jnp.where(allowed[:, None, None], p, 0.0)
-    o = jnp.einsum("bkgts,bskd->btkgd", p, jnp.where(jnp.isfinite(v), v, 0).astype(jnp.float32))
+    o = jnp.einsum("bkgts,bskd->btkgd", p, jnp.where(jnp.isfinite(v), v, 0).astype(jnp.float32), precision=hi)
     return o.reshape(b, t, hq, d).astype(q.dtype)
 
 

@@ -117,7 +117,6 @@ class _Seq:
     slot: int | None = None
     order: int = 0  # admission counter: larger = newer (preemption victims first)
     prefill_pos: int = 0  # prompt tokens in the pool (host mirror, exact)
-    prefill_len: int = 0
     tokens: list[int] = dataclasses.field(default_factory=list)  # what admit got: prompt (+ output when resumed)
     forks: list["_Seq"] = dataclasses.field(default_factory=list)  # samples to fork after prefill (index 0 only)
     forked: bool = False  # for samples > 0: created from sample 0 (or on their own after a failed fork)
@@ -129,6 +128,27 @@ class _Seq:
     @property
     def finished(self) -> bool:
         return self.out.finish_reason is not None
+
+    @property
+    def prefill_len(self) -> int:
+        """Tokens prefill writes: all but the last of what admit got (decode feeds that one)."""
+        return len(self.tokens) - 1
+
+
+def _decode_growth(cfg: EngineConfig, prompt_len: int, max_tokens: int, length: int, ntok: int) -> int:
+    """Pages a sample may allocate in its next decode_steps tokens (an upper bound): it holds
+    pages for max(ntok, length) positions (admit allocates the whole prompt of ntok tokens) and
+    writes positions from max(length, ntok - 1), never past prompt_len - 1 + max_tokens."""
+    start = max(length, ntok - 1)
+    end = min(start + cfg.decode_steps, prompt_len - 1 + max_tokens, cfg.max_seq_len)
+    return max(0, cfg.pages_for(end) - cfg.pages_for(max(ntok, length)))
+
+
+def _admission_pages(cfg: EngineConfig, prompt_len: int, max_tokens: int, ntok: int, samples: int) -> int:
+    """Pages an admission can take in its first step: the prompt's (no cache hit assumed), each
+    extra sample's copied page, and every sample's decode growth."""
+    g = _decode_growth(cfg, prompt_len, max_tokens, 0, ntok)
+    return cfg.pages_for(ntok) + g + (samples - 1) * (1 + g)
 
 
 class Engine:
@@ -257,8 +277,7 @@ class Engine:
         # One sample must fit the pool on its own (then preempting everything newer always lets
         # the oldest request progress), and all n samples must be admissible together.
         last = min(len(ids) - 1 + params.max_tokens, cfg.max_seq_len)
-        g = max(0, cfg.pages_for(min(len(ids) - 1 + cfg.decode_steps, last)) - cfg.pages_for(len(ids)))
-        worst = max(cfg.pages_for(last), cfg.pages_for(len(ids)) + g + (params.n - 1) * (1 + g))
+        worst = max(cfg.pages_for(last), _admission_pages(cfg, len(ids), params.max_tokens, len(ids), params.n))
         if worst > cfg.num_pages - 1:
             raise InvalidRequestError(
                 f"request needs up to {worst} pages (prompt {len(ids)} + max_tokens {params.max_tokens}, "
@@ -300,14 +319,7 @@ class Engine:
             return False
         for seq in [q for q in self._waiting if q.req is req]:
             self._waiting.remove(seq)
-        mask = np.zeros(self.cfg.max_slots, bool)
-        for s, seq in enumerate(self._slots):
-            if seq is not None and seq.req is req:
-                self._slots[s] = None
-                mask[s] = seq.slot is not None
-                seq.slot = None
-        if mask.any():
-            self.state = evict_jit(self.cfg, self.state, jnp.asarray(mask))
+        self._vacate(req.seqs)
         for seq in req.seqs:
             if not seq.finished:
                 seq.out.finish_reason = "abort"
@@ -315,24 +327,24 @@ class Engine:
         del self._live[request_id]
         return True
 
+    def _vacate(self, seqs: list[_Seq]) -> None:
+        """Take `seqs` out of their slots (reserved or running); the running ones are evicted on
+        device (dispatched, not waited for)."""
+        mask = np.zeros(self.cfg.max_slots, bool)
+        for s, occupant in enumerate(self._slots):
+            if occupant is not None and any(occupant is q for q in seqs):
+                self._slots[s] = None
+                mask[s] = occupant.slot is not None
+                occupant.slot = None
+        if mask.any():
+            self.state = evict_jit(self.cfg, self.state, jnp.asarray(mask))
+
     def has_unfinished(self) -> bool:
         return bool(self._waiting) or any(r is not None for r in self._slots) or bool(self._aborted)
 
     # ------------------------------------------------------------------ scheduling
-    def _growth(self, seq: _Seq, length: int, ntok: int) -> int:
-        """Pages `seq` may allocate in the next decode_steps tokens (an upper bound): it holds
-        pages for max(ntok, length) positions (admit allocates the whole prompt) and writes
-        positions from max(length, ntok - 1), never past prompt - 1 + max_tokens."""
-        cfg = self.cfg
-        start = max(length, ntok - 1)
-        end = min(start + cfg.decode_steps, len(seq.req.prompt) - 1 + seq.req.params.max_tokens, cfg.max_seq_len)
-        return max(0, cfg.pages_for(end) - cfg.pages_for(max(ntok, length)))
-
-    def _admission_cost(self, seq: _Seq, ntok: int, samples: int) -> int:
-        """Pages an admission can take this step: the prompt's (no cache hit assumed), each
-        extra sample's copied page, and every sample's decode growth."""
-        g = self._growth(seq, 0, ntok)
-        return self.cfg.pages_for(ntok) + g + (samples - 1) * (1 + g)
+    def _growth(self, seq: _Seq, length: int) -> int:
+        return _decode_growth(self.cfg, len(seq.req.prompt), seq.req.params.max_tokens, length, len(seq.tokens))
 
     def _need(self) -> int:
         """Pages the occupied slots may allocate this step (forks included)."""
@@ -341,9 +353,9 @@ class Engine:
             if seq is None:
                 continue
             if seq.slot is None:  # reserved for a fork: one copied page + its own decode
-                need += 1 + self._growth(seq, 0, len(seq.tokens))
+                need += 1 + self._growth(seq, 0)
             else:
-                need += self._growth(seq, int(self._lengths[s]), len(seq.tokens))
+                need += self._growth(seq, int(self._lengths[s]))
         return need
 
     def _preempt(self, free: int) -> int:
@@ -354,16 +366,8 @@ class Engine:
             if not live:
                 break
             victim = max(live, key=lambda q: q.order)
-            mask = np.zeros(self.cfg.max_slots, bool)
-            group = [victim]
-            group += [f for f in victim.forks if not f.forked]  # not forked yet: they requeue with sample 0
-            for q in group:
-                for s, occupant in enumerate(self._slots):
-                    if occupant is q:
-                        self._slots[s] = None
-                        mask[s] = q.slot is not None
-                q.slot = None
-            self.state = evict_jit(self.cfg, self.state, jnp.asarray(mask))
+            # Samples not forked yet hold only reserved slots: they requeue with sample 0.
+            self._vacate([victim] + [f for f in victim.forks if not f.forked])
             self._counters["preemptions"] += 1
             self._waiting.appendleft(victim)  # the oldest waiting work: resumed first
             free = int(num_free_pages_jit(self.state))
@@ -380,11 +384,11 @@ class Engine:
         deferred = []
         while self._waiting and len(batch) < cfg.max_prefill_batch:
             seq = self._waiting[0]
-            tokens = self._resume_tokens(seq)
+            tokens = seq.req.prompt + seq.out.token_ids  # a resumed sample re-enters with its output
             samples = 1 + sum(not f.forked for f in seq.forks)
             if samples > len(free_slots):
                 break
-            cost = self._admission_cost(seq, len(tokens), samples)
+            cost = _admission_pages(cfg, len(seq.req.prompt), seq.req.params.max_tokens, len(tokens), samples)
             if cost > budget:
                 break  # FIFO: wait for pages rather than let later requests overtake
             self._waiting.popleft()
@@ -406,9 +410,6 @@ class Engine:
             batch.append(seq)
         self._waiting.extendleft(reversed(deferred))
         return batch
-
-    def _resume_tokens(self, seq: _Seq) -> list[int]:
-        return seq.req.prompt + seq.out.token_ids
 
     def step(self) -> list[StreamDelta]:
         """One scheduling iteration (see the module docstring); returns the new output."""
@@ -433,8 +434,7 @@ class Engine:
             self._collect_prefill(res, rows)
         for (seq, _), ok in zip(forks, fork_ok):
             if not ok[0]:  # no page for the copy (cannot happen with the accounting): retry later
-                self._slots[seq.slot] = None
-                seq.slot = None
+                self._vacate([seq])
                 self._waiting.appendleft(seq)
         if dec is not None:
             for t in range(dec.token.shape[0]):
@@ -475,14 +475,11 @@ class Engine:
         res = jax.device_get(res)
         for row, q in enumerate(batch):
             if not res.accepted[row]:  # cannot happen with the accounting above; requeue
-                for s, occupant in enumerate(self._slots):
-                    if occupant is q or (occupant is not None and occupant in q.forks and not occupant.forked):
-                        self._slots[s] = None
-                q.slot = None
+                self._vacate([q] + [f for f in q.forks if not f.forked])
                 self._waiting.appendleft(q)
                 continue
             q.order = next(self._order)
-            q.prefill_pos, q.prefill_len = int(res.cached[row]), len(q.tokens) - 1
+            q.prefill_pos = int(res.cached[row])
             self._counters["prompt_tokens"] += len(q.tokens)
             self._counters["cached_tokens"] += int(res.cached[row])
             if q.req.params.prompt_logprobs is not None and q.req.out.prompt_logprobs is None:
@@ -529,8 +526,7 @@ class Engine:
                     self.state, ok = fork_jit(cfg, self.state, jnp.asarray([q.slot], jnp.int32), jnp.asarray([s], jnp.int32),
                                               jnp.asarray(sample_key(q.req.params.seed, f.index)[None]))
                     f.slot, f.order, f.forked = s, next(self._order), True
-                    f.prefill_pos = f.prefill_len = q.prefill_len
-                    f.tokens = q.tokens
+                    f.tokens, f.prefill_pos = q.tokens, q.prefill_len
                     forks.append((f, ok))
         return pre, forks
 

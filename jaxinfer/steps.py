@@ -113,6 +113,11 @@ def _finish(state: EngineState, running, token, cfg: EngineConfig):
     return state.finished | newly, jnp.where(newly, reason, state.finish_reason)
 
 
+def _first_occurrence(x: Int[Array, "n"]) -> Bool[Array, "n"]:
+    """True where x[i] does not occur in x[:i]."""
+    return jnp.arange(x.shape[0]) == jnp.argmax(x[None, :] == x[:, None], axis=1)
+
+
 # ----------------------------------------------------------------------------- admit
 @flax.struct.dataclass
 class AdmitResult:
@@ -140,8 +145,7 @@ def admit(cfg: EngineConfig, state: EngineState, req: Requests) -> tuple[EngineS
     # Slots: named ones must be free and named once; the others take the free slots nobody named.
     explicit = valid & (req.slot >= 0) & (req.slot < s)
     named = jnp.where(explicit, req.slot, s)
-    first = jnp.arange(b) == jnp.argmax(named[None, :] == named[:, None], axis=1)
-    named_ok = explicit & first & ~state.active[jnp.minimum(named, s - 1)]
+    named_ok = explicit & _first_occurrence(named) & ~state.active[jnp.minimum(named, s - 1)]
     auto = valid & (req.slot < 0)
     free_auto = ~state.active & ~jnp.zeros((s,), bool).at[named].set(True, mode="drop")
     rank = jnp.cumsum(auto) - 1
@@ -449,12 +453,9 @@ def fork(cfg: EngineConfig, state: EngineState, src: Int[Array, "batch"], dst: I
     free, or no page is left.
     """
     s, ps, pps = cfg.max_slots, cfg.page_size, cfg.pages_per_seq
-    b = src.shape[0]
     sc, dc = jnp.clip(src, 0, s - 1), jnp.clip(dst, 0, s - 1)
     ok = (dst < s) & (src < s) & state.running[sc] & (state.length[sc] == state.prefill_len[sc]) & ~state.active[dc]
-    # A destination named twice takes the first row only.
-    first = jnp.arange(b) == jnp.argmax(dc[None, :] == dc[:, None], axis=1)
-    ok = ok & first
+    ok = ok & _first_occurrence(dc)  # a destination named twice takes the first row only
     j_star = state.length[sc] // ps  # the page position `length` falls in (decode writes there)
     a, fresh, granted = allocator.allocate(state.alloc, ok.astype(jnp.int32), 1)
     ok = ok & granted

@@ -53,7 +53,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import math
 import os
 import platform
 import sys
@@ -65,7 +64,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_metrics import percentile  # noqa: E402
-from benchmark import jit_cache_sizes, warm_up  # noqa: E402
+from benchmark import jit_cache_sizes, load_model_arg, warm_up  # noqa: E402
 
 STATS = ("p50", "p90", "p99", "max")
 
@@ -283,21 +282,7 @@ def main(argv=None) -> dict:
 
     import jax
 
-    import jaxinfer
-    from jaxinfer.__main__ import _default_model_dir
-
-    model_dir = args.model
-    if args.preset:
-        model = jaxinfer.dummy_model(jaxinfer.get_preset(args.preset), dtype=args.dtype)
-        name = f"{args.preset} (random weights)"
-    else:
-        path = Path(model_dir) if model_dir else _default_model_dir()
-        if path is None:
-            args.preset = "llama-20m"
-            model, name = jaxinfer.dummy_model(jaxinfer.get_preset("llama-20m"), dtype=args.dtype), "llama-20m (random weights)"
-        else:
-            model_dir = str(path)
-            model, name = jaxinfer.load_model(path, dtype=args.dtype), path.name
+    model, name, model_dir = load_model_arg(args)
     mc = model.config
     max_seq_len = min(args.max_seq_len, mc.max_position_embeddings)
     long_len = args.long_len or max_seq_len - args.long_max_tokens
@@ -404,7 +389,7 @@ def print_table(results: dict, args, log) -> None:
             f"{f(w['p50'])} {f(w['p90'])} {f(w['p99'])} {f(w['max'])} | {f(r['long_ttft_ms'], 9, 1)}"
             f"{f(r['long_steps_to_first_token'], 8, 0)}")
     if not same:
-        log(f"\nper-token ITL (ms; 0 for the later tokens of a sync):")
+        log("\nper-token ITL (ms; 0 for the later tokens of a sync):")
         for k, r in results.items():
             a, w = r["itl_ms"]["all"], r["itl_ms"]["window"]
             log(f"{k:<11}| {f(a['p50'])} {f(a['p90'])} {f(a['p99'])} {f(a['max'])} | "

@@ -137,6 +137,22 @@ def engine_kwargs(args, slots: int, max_seq_len: int) -> dict:
                 decode_steps=args.decode_steps, max_prefill_batch=min(args.max_prefill_batch or slots, slots))
 
 
+def load_model_arg(args):
+    """The model named by --preset (random weights) or --model DIR; neither: stories260K when the
+    shared assets are found, else the llama-20m preset (args.preset is then set). Returns
+    (model, display name, model dir or None)."""
+    import jaxinfer
+    from jaxinfer.__main__ import _default_model_dir
+
+    if args.preset:
+        return jaxinfer.dummy_model(jaxinfer.get_preset(args.preset), dtype=args.dtype), f"{args.preset} (random weights)", args.model
+    path = Path(args.model) if args.model else _default_model_dir()
+    if path is None:
+        args.preset = "llama-20m"
+        return jaxinfer.dummy_model(jaxinfer.get_preset("llama-20m"), dtype=args.dtype), "llama-20m (random weights)", None
+    return jaxinfer.load_model(path, dtype=args.dtype), path.name, str(path)
+
+
 def jit_cache_sizes() -> dict:
     """Number of compiled variants of each jitted entry point jaxinfer.Engine calls (see
     jaxinfer/engine.py; insert_jit, admit + prefill + first decode in one call, is no longer one)."""
@@ -305,7 +321,7 @@ def profile_run(model, kwargs: dict, wl: Workload) -> dict:
 
 
 def print_profile(p: dict, log) -> None:
-    log(f"\n== profile (continuous offline run, every device call blocked on) ==")
+    log("\n== profile (continuous offline run, every device call blocked on) ==")
     for key, label in (("admit_s", "admit"), ("prefill_s", "prefill"), ("decode_steps_s", "decode_steps"),
                        ("evict_s", "evict"), ("fork_s", "fork"), ("free_pages_s", "free-page count"),
                        ("host_in_step_s", "host, inside step()"), ("outside_step_s", "host, outside step()")):
@@ -598,21 +614,7 @@ def main(argv=None) -> dict:
 
     import jax
 
-    import jaxinfer
-    from jaxinfer.__main__ import _default_model_dir
-
-    model_dir = args.model
-    if args.preset:
-        model = jaxinfer.dummy_model(jaxinfer.get_preset(args.preset), dtype=args.dtype)
-        name = f"{args.preset} (random weights)"
-    else:
-        path = Path(model_dir) if model_dir else _default_model_dir()
-        if path is None:
-            args.preset = "llama-20m"
-            model, name = jaxinfer.dummy_model(jaxinfer.get_preset("llama-20m"), dtype=args.dtype), "llama-20m (random weights)"
-        else:
-            model_dir = str(path)
-            model, name = jaxinfer.load_model(path, dtype=args.dtype), path.name
+    model, name, model_dir = load_model_arg(args)
     mc = model.config
     max_seq_len = min(args.max_seq_len, mc.max_position_embeddings)
     wl = make_workload(args, mc.vocab_size, max_seq_len)

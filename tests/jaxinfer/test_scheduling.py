@@ -5,6 +5,8 @@ changes the computation's shape, see each test)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -178,19 +180,13 @@ def test_n_samples_greedy_equal_and_seeded_samples_follow_their_keys(tiny_model)
     # the definition is checked for samples 1, 2 against the steps run with that key directly.
     p = prompts[0]
     sp = SamplingParams(max_tokens=12, temperature=1.0, seed=11, ignore_eos=True)
-    many = engine.generate([p], SamplingParams(**{**_fields(sp), "n": 3}))[0]
+    many = engine.generate([p], dataclasses.replace(sp, n=3))[0]
     one = engine.generate([p], sp)[0]
     assert many.samples[0].token_ids == one.token_ids
     for i in (1, 2):
         assert many.samples[i].token_ids == _steps_sample(tiny_model, p, sp, i)
     assert len({tuple(x.token_ids) for x in many.samples}) > 1  # distinct keys, distinct samples
     assert engine.stats()["pages_used"] == 0
-
-
-def _fields(sp):
-    import dataclasses
-
-    return {f.name: getattr(sp, f.name) for f in dataclasses.fields(sp)}
 
 
 def _steps_sample(model, prompt, sp, index):

@@ -4,26 +4,15 @@ conftest `tiny_model`'s config), chunked vs unchunked, checking the JSON's keys 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+from script_loader import load_script
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load("bench_chunked_prefill")
+bench = load_script("bench_chunked_prefill")
 
 NUM_SHORT, SHORT_TOKENS, LONG_TOKENS, MAX_SEQ, CHUNK = 2, 12, 4, 64, 16
 LONG_LEN = MAX_SEQ - LONG_TOKENS  # the script's default long prompt length

@@ -3,27 +3,16 @@ benchmarked Mosaic GPU kernel calls."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_kernels.py"
+from script_loader import load_script
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_kernels", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-bk = _load_script()
+bk = load_script("bench_kernels")
 ON_CPU = jax.devices()[0].platform != "gpu"
 
 

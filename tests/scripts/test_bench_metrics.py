@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from script_loader import load_script
+
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_metrics.py"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_metrics", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-bm = _load()
+bm = load_script("bench_metrics")
 R = bm.RequestRecord
 
 # Seconds. A: 6 tokens in 3 host syncs (3 + 2 + 1 tokens delivered together, so 3 zero gaps).

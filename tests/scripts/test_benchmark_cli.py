@@ -3,7 +3,6 @@ plots) and its workload helpers."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -13,18 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from script_loader import load_script
+
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-benchmark = _load("benchmark")
+benchmark = load_script("benchmark")
 
 
 def test_length_distributions():

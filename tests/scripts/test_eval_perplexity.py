@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import jaxinfer
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "eval_perplexity.py"
+from script_loader import load_script
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("eval_perplexity", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-ep = _load_script()
+ep = load_script("eval_perplexity")
 
 
 def hf_doc_windows(seq_len, max_length, stride):

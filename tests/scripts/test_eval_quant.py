@@ -3,26 +3,18 @@ RTN, GPTQ-4bit-g32, NF4) on the first 4096 tinyshakespeare tokens."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
+from script_loader import load_script
+
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "eval_quant.py"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("eval_quant", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-eq = _load_script()
+eq = load_script("eval_quant")
 
 
 def test_parse_modes():

@@ -203,26 +203,32 @@ def _load(path: Path, files: list[Path], handles: list[Any], config: ModelConfig
     _check(found, config, path)
 
     specs = hf_tensor_specs(config)
+    params: dict[str, Any] = {"layers": {}}
+    with tqdm(total=len(specs), desc=f"loading {path.name}", unit="tensor", disable=not show) as bar:
+        load_dense(found, specs, config.num_layers, dtype, params, bar)
+    return Model(config=config, params=params)
+
+
+def load_dense(found: dict, specs: dict, num_layers: int, dtype, params: dict, bar) -> None:
+    """Read the tensors in `specs` from the open safetensors handles in `found` into `params`
+    (stacked layers under params["layers"]), one host buffer per destination parameter."""
     # Group HF tensors by destination so each stacked parameter is assembled in one host buffer.
     groups: dict[str, list[tuple[str, TensorSpec]]] = {}
     for name, spec in specs.items():
         groups.setdefault(spec.key, []).append((name, spec))
-    params: dict[str, Any] = {"layers": {}}
-    with tqdm(total=len(specs), desc=f"loading {path.name}", unit="tensor", disable=not show) as bar:
-        for key, members in groups.items():
-            first = members[0][1]
-            stacked = first.layer is not None
-            shape = first.shape[::-1] if first.transpose else first.shape
-            buf = np.empty((config.num_layers, *shape) if stacked else shape, dtype)
-            for name, spec in members:
-                tensor = found[name][0].get_tensor(name)
-                # One copy that converts dtype and transposes.
-                buf[spec.layer if stacked else ()] = tensor.T if spec.transpose else tensor
-                del tensor
-                bar.update(1)
-            (params["layers"] if stacked else params)[key] = jax.device_put(buf)
-            del buf
-    return Model(config=config, params=params)
+    for key, members in groups.items():
+        first = members[0][1]
+        stacked = first.layer is not None
+        shape = first.shape[::-1] if first.transpose else first.shape
+        buf = np.empty((num_layers, *shape) if stacked else shape, dtype)
+        for name, spec in members:
+            tensor = found[name][0].get_tensor(name)
+            # One copy that converts dtype and transposes.
+            buf[spec.layer if stacked else ()] = tensor.T if spec.transpose else tensor
+            del tensor
+            bar.update(1)
+        (params["layers"] if stacked else params)[key] = jax.device_put(buf)
+        del buf
 
 
 def _hash32(x: jax.Array) -> jax.Array:

@@ -211,9 +211,12 @@ def _interpret_params(interpret: Any):
     if interpret is None or interpret is False:
         return None
     if interpret is True:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+        try:  # JAX 0.10.2 does not export it from plgpu.
+            from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+        except ImportError:  # pragma: no cover - later JAX versions
+            from jax.experimental.pallas.mosaic_gpu import InterpretGPUParams
         return InterpretGPUParams()
-    return interpret
+    return interpret  # an InterpretGPUParams instance (e.g. detect_races=True)
 
 
 def _flash_attention_kernel_call(

@@ -15,6 +15,7 @@ from jaxtyping import Array, Float, Int
 from pallas_kernels.flash_attention import (
     _check_heads,
     _check_window,
+    _interpret_params,
     _require_int,
     masked_softmax,
 )
@@ -176,18 +177,6 @@ def _default_num_splits(slots: int, kv_heads: int, max_blocks: int) -> int:
     """Enough splits to give every SM a CTA, but at least two blocks per split."""
     want = max(1, -(-_NUM_SMS // max(1, slots * kv_heads)))
     return max(1, min(want, max_blocks // 2))
-
-
-def _interpret_params(interpret):
-    if interpret is False or interpret is None:
-        return None
-    if interpret is True:
-        try:  # JAX 0.10.2 does not export it from plgpu.
-            from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-        except ImportError:  # pragma: no cover - later JAX versions
-            InterpretGPUParams = plgpu.InterpretGPUParams  # noqa: N806
-        return InterpretGPUParams()
-    return interpret  # an InterpretGPUParams instance (e.g. detect_races=True)
 
 
 def _row_iota(shape, dim, interpret: bool):

@@ -18,6 +18,8 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.flash_attention import _interpret_params
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -118,18 +120,6 @@ class TuningConfig:
             raise ValueError(f"TuningConfig.num_buffers must be >= 1, got {self.num_buffers}")
         if self.split_k is not None and self.split_k < 1:
             raise ValueError(f"TuningConfig.split_k must be None or >= 1, got {self.split_k}")
-
-
-def _interpret_params(interpret):
-    if interpret is False or interpret is None:
-        return None
-    if interpret is True:
-        try:  # JAX 0.10.2 does not export it from plgpu.
-            from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-        except ImportError:  # pragma: no cover - later JAX versions
-            InterpretGPUParams = plgpu.InterpretGPUParams  # noqa: N806
-        return InterpretGPUParams()
-    return interpret  # an InterpretGPUParams instance (e.g. detect_races=True)
 
 
 def _swizzled(minor_elems: int, bits: int, what: str):

@@ -276,7 +276,7 @@ def _weight_meta(q: QuantConfig, k: int) -> dict[str, Any]:
 def load_quantized(path: Path, found: dict[str, tuple[Any, list[int], str]], config: ModelConfig,
                    dtype: np.dtype, show: bool = False) -> Model:
     """Builds the Model of a quantized checkpoint; `found` maps names to (handle, shape, dtype)."""
-    from jaxinfer.weights import hf_tensor_specs
+    from jaxinfer.weights import hf_tensor_specs, load_dense
 
     check_quantized(found, config, path)
     q = config.quant
@@ -286,21 +286,7 @@ def load_quantized(path: Path, found: dict[str, tuple[Any, list[int], str]], con
     params: dict[str, Any] = {"layers": {}}
     with tqdm(total=len(dense) + len(linears), desc=f"loading {path.name}", unit="tensor",
               disable=not show) as bar:
-        groups: dict[str, list] = {}
-        for name, spec in dense.items():
-            groups.setdefault(spec.key, []).append((name, spec))
-        for key, members in groups.items():
-            first = members[0][1]
-            stacked = first.layer is not None
-            shape = first.shape[::-1] if first.transpose else first.shape
-            buf = np.empty((config.num_layers, *shape) if stacked else shape, dtype)
-            for name, spec in members:
-                tensor = found[name][0].get_tensor(name)
-                buf[spec.layer if stacked else ()] = tensor.T if spec.transpose else tensor
-                del tensor
-                bar.update(1)
-            (params["layers"] if stacked else params)[key] = jax.device_put(buf)
-            del buf
+        load_dense(found, dense, config.num_layers, dtype, params, bar)
 
         by_key: dict[str, list[QuantLinear]] = {}
         for lin in linears:

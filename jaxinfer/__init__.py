@@ -6,26 +6,47 @@
     outs = engine.generate(["a prompt"], jaxinfer.SamplingParams(max_tokens=32, temperature=0.0))
 """
 
-from jaxinfer.config import ModelConfig, RopeConfig, config_from_hf, load_config
-from jaxinfer.engine import Engine, RequestOutput, SampleOutput, StreamDelta
-from jaxinfer.errors import CheckpointError, ConfigError, InvalidRequestError, JaxinferError
-from jaxinfer.model import Model, forward
-from jaxinfer.presets import PRESETS, get_preset
-from jaxinfer.quant import quantize
+# Engine: the host-side scheduler and what it hands out.
+from jaxinfer.engine import Engine
+from jaxinfer.request import RequestOutput, SampleOutput, StreamDelta
 from jaxinfer.sampling import SamplingParams
+from jaxinfer.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+
+# Steps: the pure functions over the state, for use inside your own jit / scan / while_loop.
 from jaxinfer.state import EngineConfig, EngineState, init_state
 from jaxinfer.steps import (
     AdmitResult, Chunk, DecodeResult, InsertResult, PrefillResult, Requests, admit, decode, decode_steps, evict,
-    fork, insert, make_requests, prefill,
+    fork, insert, make_chunk, make_requests, prefill,
 )
-from jaxinfer.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+
+# Model and weights.
+from jaxinfer.model import Model, forward
 from jaxinfer.weights import dummy_model, load_model, save_model
 
+# Configuration.
+from jaxinfer.config import ModelConfig, RopeConfig, config_from_hf, config_to_hf, load_config
+from jaxinfer.presets import PRESETS, default_model_dir, get_preset
+
+# Quantization.
+from jaxinfer.quant import quantize
+
+# Errors.
+from jaxinfer.errors import CheckpointError, ConfigError, InvalidRequestError, JaxinferError
+
 __all__ = [
-    "ModelConfig", "RopeConfig", "config_from_hf", "load_config", "Engine", "RequestOutput",
-    "SampleOutput", "StreamDelta", "AdmitResult", "Chunk", "PrefillResult", "admit", "prefill", "fork", "CheckpointError", "ConfigError", "InvalidRequestError", "JaxinferError",
-    "Model", "forward", "PRESETS", "get_preset", "SamplingParams", "EngineConfig", "EngineState",
-    "init_state", "DecodeResult", "InsertResult", "Requests", "decode", "decode_steps", "evict",
-    "insert", "make_requests", "ByteTokenizer", "Tokenizer", "load_tokenizer", "dummy_model",
-    "load_model", "save_model", "quantize",
+    # engine
+    "Engine", "RequestOutput", "SampleOutput", "StreamDelta", "SamplingParams", "ByteTokenizer", "Tokenizer",
+    "load_tokenizer",
+    # steps
+    "EngineConfig", "EngineState", "init_state", "AdmitResult", "Chunk", "DecodeResult", "InsertResult",
+    "PrefillResult", "Requests", "admit", "decode", "decode_steps", "evict", "fork", "insert", "make_chunk",
+    "make_requests", "prefill",
+    # model and weights
+    "Model", "forward", "dummy_model", "load_model", "save_model",
+    # configuration
+    "ModelConfig", "RopeConfig", "config_from_hf", "config_to_hf", "load_config", "PRESETS", "default_model_dir", "get_preset",
+    # quantization
+    "quantize",
+    # errors
+    "CheckpointError", "ConfigError", "InvalidRequestError", "JaxinferError",
 ]

@@ -9,32 +9,22 @@ tokenizer (its text is gibberish, but it runs the whole pipeline with no files a
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
+import jaxinfer
+
 DEFAULT_PROMPT = "Once upon a time"
-
-
-def _default_model_dir() -> Path | None:
-    env = os.environ.get("JAXINFER_DEFAULT_MODEL")
-    candidates = [Path(env)] if env else []
-    repo = Path(__file__).resolve().parents[1]
-    candidates += [repo.parent / "shared" / "assets" / "stories260K",
-                   Path.cwd().parent / "shared" / "assets" / "stories260K"]
-    return next((c for c in candidates if (c / "config.json").exists()), None)
 
 
 def load(model_dir: str | None, preset: str | None, dtype: str):
     """Returns (model, tokenizer, description)."""
-    import jaxinfer
-
     if preset:
         model = jaxinfer.dummy_model(jaxinfer.get_preset(preset), dtype=dtype)
         tok = jaxinfer.ByteTokenizer() if model.config.vocab_size >= 258 else None
         return model, tok, f"preset {preset!r} with random weights"
-    path = Path(model_dir) if model_dir else _default_model_dir()
+    path = Path(model_dir) if model_dir else jaxinfer.default_model_dir()
     if path is None:
         return load(None, "tiny", dtype)[:2] + (
             "built-in default: random-weight 'tiny' preset + byte tokenizer (stories260K not found)",)
@@ -44,8 +34,6 @@ def load(model_dir: str | None, preset: str | None, dtype: str):
 
 
 def cmd_generate(args) -> int:
-    import jaxinfer
-
     model, tok, what = load(args.model, args.preset, args.dtype)
     print(f"[jaxinfer] model: {what} ({model.config.num_params() / 1e6:.2f}M params)", file=sys.stderr)
     engine = jaxinfer.Engine(model, max_slots=args.slots, page_size=args.page_size, num_pages=args.num_pages,

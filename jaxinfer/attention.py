@@ -8,8 +8,6 @@
 - "pallas": the kernels, compiled for the GPU; unsupported inputs raise instead of falling back.
 - "interpret": the kernels in Mosaic GPU interpret mode (CPU testing); unsupported inputs raise.
 The model code calls only these two functions, so swapping kernels never touches it.
-`pallas_kernels` is imported where it is used: it takes its dimension names from
-`jaxinfer.dims`, so a module-level import here would be circular.
 """
 
 from __future__ import annotations
@@ -17,6 +15,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
+
+from pallas_kernels import flash_attention as fa
+from pallas_kernels import is_sm90
+from pallas_kernels import paged_attention as pa
 
 BACKENDS = ("auto", "reference", "pallas", "interpret")
 KERNEL_HEAD_DIMS = (64, 128)
@@ -45,8 +47,7 @@ def _use_kernel(backend: str, check) -> bool:
     if backend == "reference":
         return False
     if backend == "auto":
-        device = jax.devices()[0]
-        if device.platform != "gpu" or getattr(device, "compute_capability", None) != "9.0":
+        if not is_sm90():
             return False
         try:
             check()
@@ -67,8 +68,6 @@ def prefill_attention(
     backend: str = "auto",
 ) -> Float[Array, "batch seq q_heads head_dim"]:
     """Causal self-attention over each row's first `lengths` tokens; padded rows give zeros."""
-    from pallas_kernels import flash_attention as fa
-
     hd, d = q.shape[-1], _kernel_head_dim(q.shape[-1])
 
     def check():
@@ -94,8 +93,6 @@ def decode_attention(
     backend: str = "auto",
 ) -> Float[Array, "slots q_heads head_dim"]:
     """One query per slot against that slot's pages; `lengths` counts the query's own token."""
-    from pallas_kernels import paged_attention as pa
-
     hd, d = q.shape[-1], _kernel_head_dim(q.shape[-1])
 
     def check():

@@ -23,6 +23,7 @@ from jaxinfer.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 # Fields that cannot change the inference forward pass, with the reason.
 _IGNORED = {
@@ -373,6 +374,54 @@ def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
         )
     except KeyError as e:
         raise ConfigError(f"config.json is missing required field {e.args[0]!r}") from None
+
+
+def config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """The HF config.json dict for `config`; `config_from_hf` reads it back as an equal config."""
+    rope = config.rope
+    rope_parameters: dict[str, Any] = {"rope_type": rope.type, "rope_theta": rope.theta}
+    if rope.type in ("linear", "llama3"):
+        rope_parameters["factor"] = rope.factor
+    if rope.type == "llama3":
+        rope_parameters.update(
+            low_freq_factor=rope.low_freq_factor,
+            high_freq_factor=rope.high_freq_factor,
+            original_max_position_embeddings=rope.original_max_position_embeddings,
+        )
+    eos = config.eos_token_ids
+    hf: dict[str, Any] = {
+        "architectures": [_ARCHITECTURES[config.model_type]],
+        "model_type": config.model_type,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_parameters": rope_parameters,
+        "hidden_act": "silu",
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else (list(eos) or None),
+    }
+    # Qwen2's q/k/v bias is implied by its model_type; Llama's attention_bias covers q/k/v/o.
+    if config.model_type != "qwen2" and (config.model_type == "llama" or config.qkv_bias):
+        hf["attention_bias"] = config.qkv_bias
+    if config.model_type == "llama" or config.mlp_bias:
+        hf["mlp_bias"] = config.mlp_bias
+    if config.model_type == "mistral":
+        hf["sliding_window"] = config.sliding_window
+    if config.model_type == "qwen2":
+        hf["use_sliding_window"] = False
+    # Some ModelConfigs (e.g. Llama with q/k/v bias but no o bias) have no HF spelling.
+    if config_from_hf(hf) != config:
+        raise ConfigError(
+            f"{config} cannot be written as an HF config.json: it would read back as {config_from_hf(hf)}"
+        )
+    return hf
 
 
 def load_config(path: str | Path) -> ModelConfig:

@@ -16,8 +16,9 @@ serves every layer (compile time does not grow with depth). Linear weights are s
     final_norm   [hidden]
     lm_head      [hidden, vocab]                        (absent when tie_word_embeddings)
 
-The layer body is shared by `forward` (no cache) and by the engine's prefill and decode steps;
-they differ only in the `attend` callback, which does attention and any KV-cache bookkeeping.
+One layer body (`layer`) serves `forward` (no cache), the engine's prefill and decode steps and
+GPTQ calibration; they differ only in the `attend` callback, which does attention and any
+KV-cache bookkeeping.
 """
 
 from __future__ import annotations
@@ -88,6 +89,35 @@ def linear(x: Array, w: Any, b: Array | None = None) -> Array:
 AttendFn = Callable[[Array, Array, Array, Array, Any], tuple[Array, Any]]
 
 
+def layer(
+    config: ModelConfig,
+    lp: Params,
+    x: Float[Array, "batch seq hidden"],
+    rope: tuple[Array, Array],
+    attend: AttendFn,
+    cache: Any,
+    i: Int[Array, ""],
+) -> tuple[Float[Array, "batch seq hidden"], Any, dict[str, Array]]:
+    """One decoder layer (the only layer body: `decoder` scans it, GPTQ calibration calls it).
+    `lp` is one layer's slice of params["layers"]. Returns the new residual stream, the cache
+    and the inputs of the layer's linear weights by the first weight that reads each (wq for
+    q/k/v, wo, w_gate for gate/up, w_down), which GPTQ needs and everyone else drops."""
+    b, t = x.shape[:2]
+    cos, sin = rope
+    h = rms_norm(x, lp["attn_norm"], config.rms_norm_eps)
+    q = linear(h, lp["wq"], lp.get("bq")).reshape(b, t, config.num_heads, config.head_dim)
+    k = linear(h, lp["wk"], lp.get("bk")).reshape(b, t, config.num_kv_heads, config.head_dim)
+    v = linear(h, lp["wv"], lp.get("bv")).reshape(b, t, config.num_kv_heads, config.head_dim)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    o, cache = attend(i, q, k, v, cache)
+    o = o.reshape(b, t, config.q_size)
+    x = x + linear(o, lp["wo"], lp.get("bo"))
+    h2 = rms_norm(x, lp["mlp_norm"], config.rms_norm_eps)
+    act = jax.nn.silu(linear(h2, lp["w_gate"], lp.get("b_gate"))) * linear(h2, lp["w_up"], lp.get("b_up"))
+    x = x + linear(act, lp["w_down"], lp.get("b_down"))
+    return x, cache, {"wq": h, "wo": o, "w_gate": h2, "w_down": act}
+
+
 def decoder(
     model: Model,
     tokens: Int[Array, "batch seq"],
@@ -98,25 +128,14 @@ def decoder(
     """Embeds tokens, runs every layer (lax.scan over the stacked weights) and the final norm."""
     cfg, p = model.config, model.params
     x = p["embed"][tokens]
-    cos, sin = rope_tables(cfg, positions)
-    b, t = tokens.shape
+    rope = rope_tables(cfg, positions)
 
-    def layer(carry, lp):
+    def body(carry, lp):
         x, cache, i = carry
-        h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-        q = linear(h, lp["wq"], lp.get("bq")).reshape(b, t, cfg.num_heads, cfg.head_dim)
-        k = linear(h, lp["wk"], lp.get("bk")).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = linear(h, lp["wv"], lp.get("bv")).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o, cache = attend(i, q, k, v, cache)
-        x = x + linear(o.reshape(b, t, cfg.q_size), lp["wo"], lp.get("bo"))
-        h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-        gate = linear(h, lp["w_gate"], lp.get("b_gate"))
-        up = linear(h, lp["w_up"], lp.get("b_up"))
-        x = x + linear(jax.nn.silu(gate) * up, lp["w_down"], lp.get("b_down"))
+        x, cache, _ = layer(cfg, lp, x, rope, attend, cache, i)
         return (x, cache, i + 1), None
 
-    (x, cache, _), _ = jax.lax.scan(layer, (x, cache, jnp.int32(0)), p["layers"])
+    (x, cache, _), _ = jax.lax.scan(body, (x, cache, jnp.int32(0)), p["layers"])
     return rms_norm(x, p["final_norm"], cfg.rms_norm_eps), cache
 
 
@@ -126,16 +145,19 @@ def lm_head(model: Model, h: Float[Array, "*b hidden"]) -> Float[Array, "*b voca
     return jnp.einsum("...i,io->...o", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
 
 
+def causal_attend(config: ModelConfig) -> AttendFn:
+    """The cache-free attention of a full-sequence forward (every row full, causal)."""
+    def attend(i, q, k, v, cache):
+        return prefill_attention(q, k, v, lengths=None, sliding_window=config.sliding_window), cache
+
+    return attend
+
+
 @jax.jit
 def _forward(model: Model, tokens: Int[Array, "batch seq"]) -> Float[Array, "batch seq vocab"]:
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    window = model.config.sliding_window
-
-    def attend(i, q, k, v, cache):
-        return prefill_attention(q, k, v, lengths=None, sliding_window=window), cache
-
-    h, _ = decoder(model, tokens, positions, attend, None)
+    h, _ = decoder(model, tokens, positions, causal_attend(model.config), None)
     return lm_head(model, h)
 
 

@@ -1,8 +1,11 @@
 """Named model shapes: real checkpoints' configs (for dummy-weight benchmarks at true size) and
 small synthetic ones for tests and CPU benchmarks. Every preset round-trips through
-`weights.config_to_hf` / `config.config_from_hf`."""
+`config.config_to_hf` / `config.config_from_hf`."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 from jaxinfer.config import ModelConfig, RopeConfig
 
@@ -54,3 +57,16 @@ def get_preset(name: str) -> ModelConfig:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; valid presets: {sorted(PRESETS)}") from None
+
+
+def default_model_dir() -> Path | None:
+    """The built-in default checkpoint: $JAXINFER_DEFAULT_MODEL, else the real pretrained
+    stories260K of the shared test assets next to the repository (../shared/assets/stories260K,
+    looked up beside the package and beside the working directory); None when neither exists
+    (the CLI then falls back to the random-weight "tiny" preset)."""
+    env = os.environ.get("JAXINFER_DEFAULT_MODEL")
+    candidates = [Path(env)] if env else []
+    repo = Path(__file__).resolve().parents[1]
+    candidates += [repo.parent / "shared" / "assets" / "stories260K",
+                   Path.cwd().parent / "shared" / "assets" / "stories260K"]
+    return next((c for c in candidates if (c / "config.json").exists()), None)

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int, UInt32
 
 from jaxinfer.errors import InvalidRequestError
@@ -229,5 +230,7 @@ def token_logprobs(
     return jax.lax.cond(wanted, compute, skip, None)
 
 
-def seed_to_key(seed: int) -> UInt32[Array, "2"]:
-    return jax.random.key_data(jax.random.key(seed, impl="threefry2x32"))
+def sample_key(seed: int, index: int = 0) -> np.ndarray:
+    """Threefry key data of sample `index` of a request with `seed`: (index, seed). Sample 0 is
+    what jax.random.key(seed) makes for a 32-bit seed, so n=1 and sample 0 of n>1 agree."""
+    return np.array([index, seed % 2**32], np.uint32)

@@ -111,6 +111,28 @@ class EngineConfig:
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
 
+    # The page budget, one formula for validating a request and for scheduling it.
+    def decode_growth(self, prompt_len: int, max_tokens: int, length: int, ntok: int) -> int:
+        """Pages a sample may allocate in its next decode_steps tokens (an upper bound): it holds
+        pages for max(ntok, length) positions (admit allocates the whole prompt of ntok tokens)
+        and writes positions from max(length, ntok - 1), never past prompt_len - 1 + max_tokens."""
+        start = max(length, ntok - 1)
+        end = min(start + self.decode_steps, prompt_len - 1 + max_tokens, self.max_seq_len)
+        return max(0, self.pages_for(end) - self.pages_for(max(ntok, length)))
+
+    def admission_pages(self, prompt_len: int, max_tokens: int, ntok: int, samples: int) -> int:
+        """Pages an admission can take in its first step: the prompt's (no cache hit assumed),
+        each extra sample's copied page, and every sample's decode growth."""
+        g = self.decode_growth(prompt_len, max_tokens, 0, ntok)
+        return self.pages_for(ntok) + g + (samples - 1) * (1 + g)
+
+    def request_pages(self, prompt_len: int, max_tokens: int, n: int) -> int:
+        """The most pages a request can ever need at once: one sample's whole sequence, or all n
+        samples' first step. Within the pool, preempting everything newer always lets the oldest
+        request progress."""
+        last = min(prompt_len - 1 + max_tokens, self.max_seq_len)
+        return max(self.pages_for(last), self.admission_pages(prompt_len, max_tokens, prompt_len, n))
+
 
 @flax.struct.dataclass
 class EngineState:

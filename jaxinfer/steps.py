@@ -30,7 +30,7 @@ from jaxinfer import allocator
 from jaxinfer.attention import chunk_attention, decode_attention
 from jaxinfer.dims import AnyArray
 from jaxinfer.model import Model, decoder, lm_head
-from jaxinfer.sampling import process_logits, sample, token_logprobs
+from jaxinfer.sampling import process_logits, sample, sample_key, token_logprobs
 from jaxinfer.state import (
     FINISH_ABORT, FINISH_LENGTH, FINISH_NONE, FINISH_STOP, NULL_PAGE, EngineConfig, EngineState,
 )
@@ -94,12 +94,6 @@ def make_requests(cfg: EngineConfig, prompts, params, request_ids, batch: int, s
         if slots is not None:
             r["slot"][row] = slots[row]
     return Requests(**r)
-
-
-def sample_key(seed: int, index: int = 0) -> np.ndarray:
-    """Threefry key data of sample `index` of a request with `seed`: (index, seed). Sample 0 is
-    what jax.random.key(seed) makes for a 32-bit seed, so n=1 and sample 0 of n>1 agree."""
-    return np.array([index, seed % 2**32], np.uint32)
 
 
 def _finish(state: EngineState, running, token, cfg: EngineConfig):
@@ -216,6 +210,20 @@ class Chunk:
     n: Int[AnyArray, "batch"]  # valid tokens in the row (clipped to what the prompt has left)
     lookahead: Int[AnyArray, "batch"]  # prompt token at position length + n (scored by the last row)
     prompt_logprobs: Int[AnyArray, "batch"]  # -1: no prompt scores wanted for this row
+
+
+def make_chunk(cfg: EngineConfig, rows, batch: int, seq: int) -> Chunk:
+    """Host side: pack one prefill chunk per row into a numpy `Chunk` of shape [batch, seq] (a
+    bucket). `rows` holds (slot, tokens, start, n, prompt_logprobs) per row: the row continues
+    slot's prefill with tokens[start:start + n] (tokens: the slot's whole prompt, so the token
+    after the chunk is its lookahead); prompt_logprobs is top-k to score, or -1."""
+    tokens = np.zeros((batch, seq), np.int32)
+    slot = np.full((batch,), cfg.max_slots, np.int32)
+    n, lookahead, plp = np.zeros((batch,), np.int32), np.zeros((batch,), np.int32), np.full((batch,), -1, np.int32)
+    for i, (s, toks, start, k, lp) in enumerate(rows):
+        tokens[i, :k] = toks[start: start + k]
+        slot[i], n[i], lookahead[i], plp[i] = s, k, toks[start + k], lp
+    return Chunk(slot=slot, tokens=tokens, n=n, lookahead=lookahead, prompt_logprobs=plp)
 
 
 @flax.struct.dataclass

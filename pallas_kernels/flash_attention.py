@@ -1,173 +1,47 @@
-"""Prefill attention: the plain-jnp reference (CPU path of the runtime, oracle for the GPU kernel).
+"""Prefill attention: a Pallas Mosaic GPU (Hopper, sm_90) flash-attention kernel,
+`flash_attention`, and its plain-jnp reference, `flash_attention_reference` (the CPU path of the
+runtime, and the kernel's oracle).
 
 Layout is that of `jax.nn.dot_product_attention`: q `[batch, seq, q_heads, head_dim]`,
 k/v `[batch, seq, kv_heads, head_dim]`, query position i and key position j are both the
 token's index in `seq`.
 """
 
+import dataclasses
+import functools
+import math
+from typing import Any
+
 import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+from jax import lax
+from jaxtyping import Array, Float, Int
 
-from jaxinfer.dims import KeysValues, Lengths, Queries
+from pallas_kernels._common import (
+    HIGHEST,
+    SMEM_BYTES,
+    SUPPORTED_DTYPES,
+    check_heads,
+    check_window,
+    interpret_params,
+    masked_softmax,
+    require_int,
+)
 
-_HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def flash_attention_reference(
-    q: Queries,
-    k: KeysValues,
-    v: KeysValues,
-    *,
-    lengths: Lengths | None = None,
-    causal: bool = True,
-    sliding_window: int | None = None,
-    scale: float | None = None,
-) -> Queries:
-    """Masked multi-head attention with GQA, padding, causal and sliding-window masks.
-
-    Key j is visible to query i iff
-      * j < lengths[b]                       (keys past a row's length are padding),
-      * j <= i            when `causal`,
-      * i - j < W         when `sliding_window=W` (Mistral / HF convention: a query sees
-                          itself and the W-1 previous tokens; with `causal=False` the window
-                          only limits how far back a query looks, never forward).
-    Query rows at i >= lengths[b] return exactly 0. `lengths=None` means every row is full.
-
-    Query head h reads KV head h // (q_heads // kv_heads). Scores and softmax are float32
-    (HIGHEST matmul precision, so GPU TF32 does not blur the oracle); the result has q's dtype.
-    Padded positions may hold garbage, NaN included: they are zeroed with `jnp.where` before
-    any arithmetic, and fully masked rows give 0 rather than NaN. Keys hidden only by the
-    causal or window mask are real tokens and are assumed finite.
-    """
-    if lengths is not None:
-        _require_int("lengths", lengths.dtype)
-    _check_shapes(q.shape, k.shape, v.shape, None if lengths is None else lengths.shape)
-    _check_window(sliding_window)
-    if lengths is None:
-        lengths = jnp.full((q.shape[0],), q.shape[1], jnp.int32)
-    return _attention(q, k, v, lengths, causal, sliding_window,
-                      q.shape[-1] ** -0.5 if scale is None else scale)
-
-
-def _attention(
-    q: Queries,
-    k: KeysValues,
-    v: KeysValues,
-    lengths: Lengths,
-    causal: bool,
-    sliding_window: int | None,
-    scale: float,
-) -> Queries:
-    # Design: build one [batch, q_pos, k_pos] visibility mask, zero every padded q/k/v entry
-    # so NaN garbage never meets a multiply (0 * NaN = NaN), and take a max-subtracted softmax
-    # whose probabilities are selected with `where` (not multiplied by a mask) and whose
-    # empty rows divide by 1. GQA groups query heads against their KV head by reshaping q,
-    # so K/V are never repeated.
-    batch, seq, q_heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    pos = jnp.arange(seq)
-    in_row = pos[None, :] < lengths[:, None]  # [batch, seq]: real (non-padding) tokens
-    mask = jnp.broadcast_to(in_row[:, None, :], (batch, seq, seq))
-    if causal:
-        mask = mask & (pos[:, None] >= pos[None, :])
-    if sliding_window is not None:
-        mask = mask & (pos[:, None] - pos[None, :] < sliding_window)
-
-    keep = in_row[:, :, None, None]
-    q32, k32, v32 = (jnp.where(keep, x.astype(jnp.float32), 0.0) for x in (q, k, v))
-    qg = q32.reshape(batch, seq, kv_heads, q_heads // kv_heads, head_dim)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k32, precision=_HIGHEST) * scale
-    probs = masked_softmax(scores, mask[:, None, None])
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v32, precision=_HIGHEST)
-    out = out.reshape(batch, seq, q_heads, head_dim)
-    return jnp.where(keep, out, 0.0).astype(q.dtype)
-
-
-def masked_softmax(
-    scores: Float[Array, "*lead"], mask: Bool[Array, "*#lead"]
-) -> Float[Array, "*lead"]:
-    """Softmax over visible keys: exactly 0 where masked, all-zero rows where nothing is visible.
-
-    Shared with the paged reference so both oracles mask identically.
-    """
-    scores = jnp.where(mask, scores, -jnp.inf)
-    row_max = jnp.max(scores, axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)  # empty row: max is -inf
-    probs = jnp.where(mask, jnp.exp(scores - row_max), 0.0)
-    denom = jnp.sum(probs, axis=-1, keepdims=True)
-    return probs / jnp.where(denom > 0, denom, 1.0)
-
-
-def _check_shapes(
-    q_shape: tuple[int, ...],
-    k_shape: tuple[int, ...],
-    v_shape: tuple[int, ...],
-    lengths_shape: tuple[int, ...] | None,
-) -> None:
-    """ValueErrors for malformed prefill-attention inputs (works without runtime type checks)."""
-    for name, shape in (("q", q_shape), ("k", k_shape), ("v", v_shape)):
-        if len(shape) != 4:
-            raise ValueError(f"{name} must be rank 4 [batch, seq, heads, head_dim], got shape {shape}")
-    if k_shape != v_shape:
-        raise ValueError(f"k and v must have the same shape, got {k_shape} and {v_shape}")
-    if q_shape[:2] != k_shape[:2]:
-        raise ValueError(f"q and k must agree on [batch, seq], got {q_shape[:2]} and {k_shape[:2]}")
-    _check_heads(q_shape[-2], k_shape[-2], q_shape[-1], k_shape[-1])
-    if lengths_shape is not None and lengths_shape != q_shape[:1]:
-        raise ValueError(f"lengths must have shape [batch] = {q_shape[:1]}, got {lengths_shape}")
-
-
-def _check_heads(q_heads: int, kv_heads: int, q_head_dim: int, kv_head_dim: int) -> None:
-    if kv_heads == 0 or q_heads % kv_heads:
-        raise ValueError(f"q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads})")
-    if q_head_dim != kv_head_dim:
-        raise ValueError(f"head_dim mismatch: q has {q_head_dim}, k/v have {kv_head_dim}")
-
-
-def _check_window(sliding_window: int | None) -> None:
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be None or >= 1, got {sliding_window}")
-
-
-def _require_int(name: str, dtype: jnp.dtype) -> None:
-    if not jnp.issubdtype(dtype, jnp.integer):
-        raise ValueError(f"{name} must be an integer array, got dtype {dtype}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Mosaic GPU (Hopper, sm_90) flash-attention prefill kernel.
-#
-# Algorithm (FlashAttention-2/3 forward, one warpgroup per CTA):
-#   grid = (q_heads, seq // block_q, batch). A CTA owns `block_q` query rows of one query head
-#   and reads KV head `q_head // (q_heads // kv_heads)` straight from the unrepeated k/v (GQA).
-#   Q is TMA-copied to SMEM once; K/V tiles stream through a ring of `max_concurrent_steps`
-#   SMEM slots (TMA + one barrier per slot), prefetching step j + slots while step j computes.
-#   Per KV tile: S = Q K^T (SMEM x SMEM wgmma, K^T via transpose_ref) into an f32 accumulator,
-#   an online base-2 softmax on registers (running max m, running sum l, rescale alpha), P is
-#   cast to the input dtype and staged through SMEM, and P V is a second SMEM x SMEM wgmma whose
-#   f32 result is added to the rescaled output accumulator. Only O (and optionally the LSE) is
-#   written back (TMA SMEM -> GMEM); the seq x seq matrix never exists.
-# Block skipping: a CTA runs kv_steps = cdiv(min(length, q_end if causal), block_kv) tiles (0 if
-#   all its query rows are padding). The first `full_steps` tiles need no mask at all (entirely
-#   below the diagonal and inside the row's length); only the remaining <= 2 tiles pay for the
-#   iota/compare/where mask.
-# Padding: keys at j >= lengths[b] get score -inf (selected with `where`, so NaN garbage in
-#   padded K never reaches the softmax); padded V rows are zeroed by the wrapper with `where`
-#   (0 * NaN would otherwise leak through P V); query rows i >= lengths[b] are written as 0.
-# ---------------------------------------------------------------------------------------------
-
-import dataclasses  # noqa: E402
-import functools  # noqa: E402
-import math  # noqa: E402
-from typing import Any  # noqa: E402
-
-from jax import lax  # noqa: E402
+Queries = Float[Array, "batch seq q_heads head_dim"]
+KeysValues = Float[Array, "batch seq kv_heads head_dim"]
+Lengths = Int[Array, "batch"]
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 _SUPPORTED_HEAD_DIMS = (64, 128)
-_SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tuning config.
+# ---------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,20 +77,29 @@ class TuningConfig:
 
 
 DEFAULT_TUNING_CONFIG = TuningConfig()
-_SMEM_LIMIT_BYTES = 227 * 1024
 
 
-def _interpret_params(interpret: Any):
-    """False/None -> compile for the GPU; True -> default GPU interpret params; else as given."""
-    if interpret is None or interpret is False:
-        return None
-    if interpret is True:
-        try:  # JAX 0.10.2 does not export it from plgpu.
-            from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-        except ImportError:  # pragma: no cover - later JAX versions
-            from jax.experimental.pallas.mosaic_gpu import InterpretGPUParams
-        return InterpretGPUParams()
-    return interpret  # an InterpretGPUParams instance (e.g. detect_races=True)
+# ---------------------------------------------------------------------------------------------
+# Kernel: Mosaic GPU, Hopper (sm_90).
+#
+# Algorithm (FlashAttention-2/3 forward, one warpgroup per CTA):
+#   grid = (q_heads, seq // block_q, batch). A CTA owns `block_q` query rows of one query head
+#   and reads KV head `q_head // (q_heads // kv_heads)` straight from the unrepeated k/v (GQA).
+#   Q is TMA-copied to SMEM once; K/V tiles stream through a ring of `max_concurrent_steps`
+#   SMEM slots (TMA + one barrier per slot), prefetching step j + slots while step j computes.
+#   Per KV tile: S = Q K^T (SMEM x SMEM wgmma, K^T via transpose_ref) into an f32 accumulator,
+#   an online base-2 softmax on registers (running max m, running sum l, rescale alpha), P is
+#   cast to the input dtype and staged through SMEM, and P V is a second SMEM x SMEM wgmma whose
+#   f32 result is added to the rescaled output accumulator. Only O (and optionally the LSE) is
+#   written back (TMA SMEM -> GMEM); the seq x seq matrix never exists.
+# Block skipping: a CTA runs kv_steps = cdiv(min(length, q_end if causal), block_kv) tiles (0 if
+#   all its query rows are padding). The first `full_steps` tiles need no mask at all (entirely
+#   below the diagonal and inside the row's length); only the remaining <= 2 tiles pay for the
+#   iota/compare/where mask.
+# Padding: keys at j >= lengths[b] get score -inf (selected with `where`, so NaN garbage in
+#   padded K never reaches the softmax); padded V rows are zeroed by the wrapper with `where`
+#   (0 * NaN would otherwise leak through P V); query rows i >= lengths[b] are written as 0.
+# ---------------------------------------------------------------------------------------------
 
 
 def _flash_attention_kernel_call(
@@ -232,9 +115,6 @@ def _flash_attention_kernel_call(
     interpret: Any,
 ):
     """plgpu.kernel launch on seq-padded inputs (seq a multiple of block_q and block_kv)."""
-    import jax.experimental.pallas as pl
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
     batch, seq, q_heads, head_dim = q.shape
     kv_heads = k.shape[2]
     group = q_heads // kv_heads
@@ -393,6 +273,30 @@ def _flash_attention_kernel_call(
     return (outs[0], outs[1]) if return_lse else outs[0]
 
 
+# ---------------------------------------------------------------------------------------------
+# Validated, jitted entry point.
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_shapes(
+    q_shape: tuple[int, ...],
+    k_shape: tuple[int, ...],
+    v_shape: tuple[int, ...],
+    lengths_shape: tuple[int, ...] | None,
+) -> None:
+    """ValueErrors for malformed prefill-attention inputs (works without runtime type checks)."""
+    for name, shape in (("q", q_shape), ("k", k_shape), ("v", v_shape)):
+        if len(shape) != 4:
+            raise ValueError(f"{name} must be rank 4 [batch, seq, heads, head_dim], got shape {shape}")
+    if k_shape != v_shape:
+        raise ValueError(f"k and v must have the same shape, got {k_shape} and {v_shape}")
+    if q_shape[:2] != k_shape[:2]:
+        raise ValueError(f"q and k must agree on [batch, seq], got {q_shape[:2]} and {k_shape[:2]}")
+    check_heads(q_shape[-2], k_shape[-2], q_shape[-1], k_shape[-1])
+    if lengths_shape is not None and lengths_shape != q_shape[:1]:
+        raise ValueError(f"lengths must have shape [batch] = {q_shape[:1]}, got {lengths_shape}")
+
+
 def check_flash_attention_kernel_inputs(q, k, v, lengths=None, config: Any = None, return_lse: bool = False) -> None:
     """ValueErrors for inputs the kernel cannot take (on top of the reference's shape checks).
     Works on arrays, tracers and ShapeDtypeStructs."""
@@ -401,19 +305,22 @@ def check_flash_attention_kernel_inputs(q, k, v, lengths=None, config: Any = Non
     dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
     if len(dtypes) != 1:
         raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if jnp.dtype(q.dtype) not in _SUPPORTED_DTYPES:
+    if jnp.dtype(q.dtype) not in SUPPORTED_DTYPES:
         raise ValueError(f"flash_attention supports bfloat16 and float16 inputs, got {q.dtype}")
     head_dim = q.shape[-1]
     if head_dim not in _SUPPORTED_HEAD_DIMS:
         raise ValueError(f"flash_attention supports head_dim in {_SUPPORTED_HEAD_DIMS}, got {head_dim}")
     if lengths is not None:
-        _require_int("lengths", lengths.dtype)
+        require_int("lengths", lengths.dtype)
     if not isinstance(config, TuningConfig):
         raise ValueError(f"config must be a TuningConfig or None, got {type(config).__name__}")
     smem = config.smem_bytes(head_dim, with_lse=return_lse)
-    if smem > _SMEM_LIMIT_BYTES:
+    if smem > SMEM_BYTES:
         raise ValueError(f"{config} needs {smem} bytes of SMEM at head_dim={head_dim}, "
-                         f"more than sm_90's {_SMEM_LIMIT_BYTES}")
+                         f"more than sm_90's {SMEM_BYTES}")
+
+
+_check_kernel_inputs = check_flash_attention_kernel_inputs  # the name the kernel tests use
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "config", "return_lse", "interpret"))
@@ -434,7 +341,7 @@ def _flash_attention_jit(q, k, v, lengths, *, causal, scale, config, return_lse,
         q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
     res = _flash_attention_kernel_call(
         q, k, v, lengths, causal=causal, scale=scale, config=config, return_lse=return_lse,
-        interpret=_interpret_params(interpret))
+        interpret=interpret_params(interpret))
     if not return_lse:
         return res[:, :seq]
     out, lse = res
@@ -471,4 +378,76 @@ def flash_attention(
                                 return_lse=bool(return_lse), interpret=interpret)
 
 
-_check_kernel_inputs = check_flash_attention_kernel_inputs  # the name the kernel tests use
+# ---------------------------------------------------------------------------------------------
+# Reference.
+# ---------------------------------------------------------------------------------------------
+
+
+def flash_attention_reference(
+    q: Queries,
+    k: KeysValues,
+    v: KeysValues,
+    *,
+    lengths: Lengths | None = None,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+) -> Queries:
+    """Masked multi-head attention with GQA, padding, causal and sliding-window masks.
+
+    Key j is visible to query i iff
+      * j < lengths[b]                       (keys past a row's length are padding),
+      * j <= i            when `causal`,
+      * i - j < W         when `sliding_window=W` (Mistral / HF convention: a query sees
+                          itself and the W-1 previous tokens; with `causal=False` the window
+                          only limits how far back a query looks, never forward).
+    Query rows at i >= lengths[b] return exactly 0. `lengths=None` means every row is full.
+
+    Query head h reads KV head h // (q_heads // kv_heads). Scores and softmax are float32
+    (HIGHEST matmul precision, so GPU TF32 does not blur the oracle); the result has q's dtype.
+    Padded positions may hold garbage, NaN included: they are zeroed with `jnp.where` before
+    any arithmetic, and fully masked rows give 0 rather than NaN. Keys hidden only by the
+    causal or window mask are real tokens and are assumed finite.
+    """
+    if lengths is not None:
+        require_int("lengths", lengths.dtype)
+    _check_shapes(q.shape, k.shape, v.shape, None if lengths is None else lengths.shape)
+    check_window(sliding_window)
+    if lengths is None:
+        lengths = jnp.full((q.shape[0],), q.shape[1], jnp.int32)
+    return _attention(q, k, v, lengths, causal, sliding_window,
+                      q.shape[-1] ** -0.5 if scale is None else scale)
+
+
+def _attention(
+    q: Queries,
+    k: KeysValues,
+    v: KeysValues,
+    lengths: Lengths,
+    causal: bool,
+    sliding_window: int | None,
+    scale: float,
+) -> Queries:
+    # Design: build one [batch, q_pos, k_pos] visibility mask, zero every padded q/k/v entry
+    # so NaN garbage never meets a multiply (0 * NaN = NaN), and take a max-subtracted softmax
+    # whose probabilities are selected with `where` (not multiplied by a mask) and whose
+    # empty rows divide by 1. GQA groups query heads against their KV head by reshaping q,
+    # so K/V are never repeated.
+    batch, seq, q_heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    pos = jnp.arange(seq)
+    in_row = pos[None, :] < lengths[:, None]  # [batch, seq]: real (non-padding) tokens
+    mask = jnp.broadcast_to(in_row[:, None, :], (batch, seq, seq))
+    if causal:
+        mask = mask & (pos[:, None] >= pos[None, :])
+    if sliding_window is not None:
+        mask = mask & (pos[:, None] - pos[None, :] < sliding_window)
+
+    keep = in_row[:, :, None, None]
+    q32, k32, v32 = (jnp.where(keep, x.astype(jnp.float32), 0.0) for x in (q, k, v))
+    qg = q32.reshape(batch, seq, kv_heads, q_heads // kv_heads, head_dim)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k32, precision=HIGHEST) * scale
+    probs = masked_softmax(scores, mask[:, None, None])
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v32, precision=HIGHEST)
+    out = out.reshape(batch, seq, q_heads, head_dim)
+    return jnp.where(keep, out, 0.0).astype(q.dtype)

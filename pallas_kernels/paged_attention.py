@@ -1,5 +1,6 @@
-"""Decode attention over a paged KV pool: the plain-jnp reference (CPU path, GPU-kernel oracle)
-and a Pallas Mosaic GPU (Hopper, sm_90) kernel, `paged_attention`."""
+"""Decode attention over a paged KV pool: a Pallas Mosaic GPU (Hopper, sm_90) kernel,
+`paged_attention`, and its plain-jnp reference, `paged_attention_reference` (the CPU path, and
+the kernel's oracle)."""
 
 import dataclasses
 import math
@@ -12,140 +13,32 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels.flash_attention import (
-    _check_heads,
-    _check_window,
-    _interpret_params,
-    _require_int,
+from pallas_kernels._common import (
+    HIGHEST,
+    NUM_SMS,
+    SMEM_BYTES,
+    SUPPORTED_DTYPES,
+    check_heads,
+    check_window,
+    interpret_params,
     masked_softmax,
+    require_int,
 )
 
-from jaxinfer.dims import DecodeQueries, LayerPages, PageTable, SlotInts
-
-_HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def paged_attention_reference(
-    q: DecodeQueries,
-    k_pages: LayerPages,
-    v_pages: LayerPages,
-    page_table: PageTable,
-    lengths: SlotInts,
-    *,
-    sliding_window: int | None = None,
-    scale: float | None = None,
-) -> DecodeQueries:
-    """Attention of one query token per slot against that slot's paged keys/values.
-
-    Layout:
-      q           [slots, q_heads, head_dim]                 the current token of each slot.
-      k_pages,
-      v_pages     [pages, page_size, kv_heads, head_dim]     one layer of the KV pool; page 0
-                                                             is conventionally a "null" page.
-      page_table  int [slots, pages_per_seq]                 entry p is the page holding the
-                                                             slot's tokens p*page_size ..
-                                                             (p+1)*page_size - 1.
-      lengths     int [slots]                                valid tokens per slot, INCLUDING
-                                                             the current one (its K/V already
-                                                             written); the query sits at
-                                                             position lengths - 1.
-    Token t of a slot is visible iff t < lengths[s] and, with `sliding_window=W`,
-    (lengths[s] - 1) - t < W (the query sees itself and the W-1 previous tokens). Slots with
-    length 0 return 0. Table entries past a slot's length may point anywhere (out-of-range ids
-    are clamped), and invisible positions may hold NaN: they are zeroed with `jnp.where`
-    before any arithmetic. lengths must not exceed pages_per_seq * page_size.
-
-    Query head h reads KV head h // (q_heads // kv_heads). Scores and softmax are float32 at
-    HIGHEST matmul precision; the result has q's dtype.
-    """
-    _require_int("page_table", page_table.dtype)
-    _require_int("lengths", lengths.dtype)
-    _check_shapes(q.shape, k_pages.shape, v_pages.shape, page_table.shape, lengths.shape)
-    _check_window(sliding_window)
-    return _paged_attention(q, k_pages, v_pages, page_table, lengths, sliding_window,
-                            q.shape[-1] ** -0.5 if scale is None else scale)
-
-
-def _paged_attention(
-    q: DecodeQueries,
-    k_pages: LayerPages,
-    v_pages: LayerPages,
-    page_table: PageTable,
-    lengths: SlotInts,
-    sliding_window: int | None,
-    scale: float,
-) -> DecodeQueries:
-    # Design: gather every table entry's page into a dense [slots, tokens, kv_heads, head_dim]
-    # view (simple, O(pages_per_seq * page_size) per slot, fine for an oracle), then mask by
-    # token position. With a single query per slot the mask is per (slot, token), so zeroing
-    # masked K/V rows makes NaN-poisoned pages harmless everywhere, not just in the softmax.
-    slots, q_heads, head_dim = q.shape
-    _, page_size, kv_heads, _ = k_pages.shape
-    tokens = page_table.shape[1] * page_size
-    pos = jnp.arange(tokens)
-    visible = pos[None, :] < lengths[:, None]  # [slots, tokens]
-    if sliding_window is not None:
-        visible = visible & ((lengths[:, None] - 1) - pos[None, :] < sliding_window)
-
-    k32, v32 = (jnp.take(x, page_table, axis=0, mode="clip") for x in (k_pages, v_pages))
-    keep = visible[:, :, None, None]
-    k32, v32 = (
-        jnp.where(keep, x.reshape(slots, tokens, kv_heads, head_dim).astype(jnp.float32), 0.0)
-        for x in (k32, v32)
-    )
-    qg = q.astype(jnp.float32).reshape(slots, kv_heads, q_heads // kv_heads, head_dim)
-    scores = jnp.einsum("nkgd,ntkd->nkgt", qg, k32, precision=_HIGHEST) * scale
-    probs = masked_softmax(scores, visible[:, None, None, :])
-    out = jnp.einsum("nkgt,ntkd->nkgd", probs, v32, precision=_HIGHEST)
-    return out.reshape(slots, q_heads, head_dim).astype(q.dtype)
-
-
-def _check_shapes(
-    q_shape: tuple[int, ...],
-    k_shape: tuple[int, ...],
-    v_shape: tuple[int, ...],
-    table_shape: tuple[int, ...],
-    lengths_shape: tuple[int, ...],
-) -> None:
-    """ValueErrors for malformed paged-attention inputs (works without runtime type checks)."""
-    if len(q_shape) != 3:
-        raise ValueError(f"q must be rank 3 [slots, q_heads, head_dim], got shape {q_shape}")
-    for name, shape in (("k_pages", k_shape), ("v_pages", v_shape)):
-        if len(shape) != 4:
-            raise ValueError(
-                f"{name} must be rank 4 [pages, page_size, kv_heads, head_dim], got shape {shape}")
-    if k_shape != v_shape:
-        raise ValueError(f"k_pages and v_pages must have the same shape, got {k_shape} and {v_shape}")
-    _check_heads(q_shape[1], k_shape[2], q_shape[2], k_shape[3])
-    if len(table_shape) != 2 or table_shape[0] != q_shape[0]:
-        raise ValueError(
-            f"page_table must have shape [slots={q_shape[0]}, pages_per_seq], got {table_shape}")
-    if lengths_shape != q_shape[:1]:
-        raise ValueError(f"lengths must have shape [slots] = {q_shape[:1]}, got {lengths_shape}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Mosaic GPU decode kernel (Hopper: TMA page copies, wgmma on SMEM operands).
-#
-# Grid: (kv_heads, num_splits, slots). One CTA (one warpgroup) owns one KV head of one slot and
-# one contiguous range of that slot's KV blocks (a block is `block_kv` tokens = block_kv /
-# page_size pages). Its q rows are the group's q heads, zero-padded to the wgmma M of 64 by
-# the wrapper. Per block:
-#   TMA each page's [page_size, head_dim] K/V tile into SMEM (prefetching num_buffers - 1
-#   blocks ahead), S = Q @ K^T (wgmma, K transposed in SMEM), mask t >= length to -inf,
-#   online softmax in base 2, P staged through SMEM in q's dtype, O_blk = P @ V (wgmma), O =
-#   O * alpha + O_blk. V rows past the length are zeroed in SMEM first (only in the partial
-#   last block), so NaN garbage past a slot's length can never reach the output.
-# Each CTA writes its normalised partial output (the group's rows only) and its base-2
-# log-sum-exp; a small jnp epilogue combines the splits.
-# ---------------------------------------------------------------------------------------------
+DecodeQueries = Float[Array, "slots q_heads head_dim"]
+LayerPages = Float[Array, "pages page_size kv_heads head_dim"]
+PageTable = Int[Array, "slots pages_per_seq"]
+SlotInts = Int[Array, "slots"]
 
 _WGMMA_M = 64  # wgmma tile height: the group's q heads are padded up to this many rows
 _SUPPORTED_HEAD_DIMS = (64, 128)
 _SUPPORTED_PAGE_SIZES = (16, 32, 64)
-_SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _LOG2E = math.log2(math.e)
-_NUM_SMS = 132  # H100 SXM; only used by the default num_splits heuristic
+
+
+# ---------------------------------------------------------------------------------------------
+# Tuning config.
+# ---------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,8 +68,33 @@ class TuningConfig:
 
 def _default_num_splits(slots: int, kv_heads: int, max_blocks: int) -> int:
     """Enough splits to give every SM a CTA, but at least two blocks per split."""
-    want = max(1, -(-_NUM_SMS // max(1, slots * kv_heads)))
+    want = max(1, -(-NUM_SMS // max(1, slots * kv_heads)))
     return max(1, min(want, max_blocks // 2))
+
+
+def _smem_bytes(config: TuningConfig, head_dim: int, itemsize: int, page_size: int) -> int:
+    """Shared memory of one CTA (the scratch_types of _paged_decode_kernel_call), roughly."""
+    rows, kv = _WGMMA_M, config.block_kv
+    tiles = (rows * head_dim + 2 * config.num_buffers * kv * head_dim + rows * kv) * itemsize
+    barriers = 8 * (1 + 2 * config.num_buffers * (kv // page_size))
+    return tiles + 4 * (rows * head_dim + rows) + barriers + 4096  # + alignment slack (measured: ~2 KiB under at 260 KiB)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel: Mosaic GPU, Hopper (sm_90): TMA page copies, wgmma on SMEM operands.
+#
+# Grid: (kv_heads, num_splits, slots). One CTA (one warpgroup) owns one KV head of one slot and
+# one contiguous range of that slot's KV blocks (a block is `block_kv` tokens = block_kv /
+# page_size pages). Its q rows are the group's q heads, zero-padded to the wgmma M of 64 by
+# the wrapper. Per block:
+#   TMA each page's [page_size, head_dim] K/V tile into SMEM (prefetching num_buffers - 1
+#   blocks ahead), S = Q @ K^T (wgmma, K transposed in SMEM), mask t >= length to -inf,
+#   online softmax in base 2, P staged through SMEM in q's dtype, O_blk = P @ V (wgmma), O =
+#   O * alpha + O_blk. V rows past the length are zeroed in SMEM first (only in the partial
+#   last block), so NaN garbage past a slot's length can never reach the output.
+# Each CTA writes its normalised partial output (the group's rows only) and its base-2
+# log-sum-exp; a small jnp epilogue combines the splits.
+# ---------------------------------------------------------------------------------------------
 
 
 def _row_iota(shape, dim, interpret: bool):
@@ -329,6 +247,75 @@ def _combine_splits(o_part, lse_part, group: int):
     return num / jnp.where(den > 0, den, 1.0)[..., None]
 
 
+# ---------------------------------------------------------------------------------------------
+# Validated, jitted entry point.
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_shapes(
+    q_shape: tuple[int, ...],
+    k_shape: tuple[int, ...],
+    v_shape: tuple[int, ...],
+    table_shape: tuple[int, ...],
+    lengths_shape: tuple[int, ...],
+) -> None:
+    """ValueErrors for malformed paged-attention inputs (works without runtime type checks)."""
+    if len(q_shape) != 3:
+        raise ValueError(f"q must be rank 3 [slots, q_heads, head_dim], got shape {q_shape}")
+    for name, shape in (("k_pages", k_shape), ("v_pages", v_shape)):
+        if len(shape) != 4:
+            raise ValueError(
+                f"{name} must be rank 4 [pages, page_size, kv_heads, head_dim], got shape {shape}")
+    if k_shape != v_shape:
+        raise ValueError(f"k_pages and v_pages must have the same shape, got {k_shape} and {v_shape}")
+    check_heads(q_shape[1], k_shape[2], q_shape[2], k_shape[3])
+    if len(table_shape) != 2 or table_shape[0] != q_shape[0]:
+        raise ValueError(
+            f"page_table must have shape [slots={q_shape[0]}, pages_per_seq], got {table_shape}")
+    if lengths_shape != q_shape[:1]:
+        raise ValueError(f"lengths must have shape [slots] = {q_shape[:1]}, got {lengths_shape}")
+
+
+def check_paged_attention_kernel_inputs(q, k_pages, v_pages, page_table, lengths, *,
+                                        sliding_window=None, config=None) -> TuningConfig:
+    """Raises (ValueError / NotImplementedError) for inputs the kernel does not support;
+    returns the effective TuningConfig. Works on arrays, tracers and ShapeDtypeStructs."""
+    if sliding_window is not None:
+        raise NotImplementedError(
+            "paged_attention (Mosaic GPU kernel) does not implement sliding_window yet; "
+            "use paged_attention_reference for sliding-window layers")
+    require_int("page_table", page_table.dtype)
+    require_int("lengths", lengths.dtype)
+    _check_shapes(q.shape, k_pages.shape, v_pages.shape, page_table.shape, lengths.shape)
+    dts = {jnp.dtype(x.dtype) for x in (q, k_pages, v_pages)}
+    if len(dts) != 1 or next(iter(dts)) not in SUPPORTED_DTYPES:
+        raise ValueError(
+            "paged_attention kernel needs q, k_pages and v_pages all bfloat16 or all float16, got "
+            f"{jnp.dtype(q.dtype)}, {jnp.dtype(k_pages.dtype)}, {jnp.dtype(v_pages.dtype)}")
+    head_dim = q.shape[-1]
+    if head_dim not in _SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"paged_attention kernel supports head_dim in {_SUPPORTED_HEAD_DIMS}, got {head_dim}")
+    page_size = k_pages.shape[1]
+    if page_size not in _SUPPORTED_PAGE_SIZES:
+        raise ValueError(f"paged_attention kernel supports page_size in {_SUPPORTED_PAGE_SIZES}, got {page_size}")
+    group = q.shape[1] // k_pages.shape[2]
+    if group > _WGMMA_M:
+        raise ValueError(f"paged_attention kernel supports q_heads // kv_heads <= {_WGMMA_M}, got {group}")
+    config = TuningConfig() if config is None else config
+    if not isinstance(config, TuningConfig):
+        raise ValueError(f"config must be a TuningConfig or None, got {type(config).__name__}")
+    if config.block_kv % page_size:
+        raise ValueError(f"TuningConfig.block_kv ({config.block_kv}) must be a multiple of page_size ({page_size})")
+    if q.shape[0] == 0:
+        raise ValueError("paged_attention kernel needs at least one slot")
+    smem = _smem_bytes(config, head_dim, jnp.dtype(q.dtype).itemsize, page_size)
+    if smem > SMEM_BYTES:
+        raise ValueError(
+            f"TuningConfig {config} needs {smem} bytes of shared memory at head_dim {head_dim}, "
+            f"over the sm_90 limit of {SMEM_BYTES}: lower block_kv or num_buffers")
+    return config
+
+
 def _paged_attention_kernel(q, k_pages, v_pages, page_table, lengths, *, scale, config, interpret):
     slots, q_heads, head_dim = q.shape
     num_pages, page_size, kv_heads, _ = k_pages.shape
@@ -356,57 +343,6 @@ _paged_attention_kernel_jit = jax.jit(
     _paged_attention_kernel, static_argnames=("scale", "config", "interpret"))
 
 
-def check_paged_attention_kernel_inputs(q, k_pages, v_pages, page_table, lengths, *,
-                                        sliding_window=None, config=None) -> TuningConfig:
-    """Raises (ValueError / NotImplementedError) for inputs the kernel does not support;
-    returns the effective TuningConfig. Works on arrays, tracers and ShapeDtypeStructs."""
-    if sliding_window is not None:
-        raise NotImplementedError(
-            "paged_attention (Mosaic GPU kernel) does not implement sliding_window yet; "
-            "use paged_attention_reference for sliding-window layers")
-    _require_int("page_table", page_table.dtype)
-    _require_int("lengths", lengths.dtype)
-    _check_shapes(q.shape, k_pages.shape, v_pages.shape, page_table.shape, lengths.shape)
-    dts = {jnp.dtype(x.dtype) for x in (q, k_pages, v_pages)}
-    if len(dts) != 1 or next(iter(dts)) not in _SUPPORTED_DTYPES:
-        raise ValueError(
-            "paged_attention kernel needs q, k_pages and v_pages all bfloat16 or all float16, got "
-            f"{jnp.dtype(q.dtype)}, {jnp.dtype(k_pages.dtype)}, {jnp.dtype(v_pages.dtype)}")
-    head_dim = q.shape[-1]
-    if head_dim not in _SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"paged_attention kernel supports head_dim in {_SUPPORTED_HEAD_DIMS}, got {head_dim}")
-    page_size = k_pages.shape[1]
-    if page_size not in _SUPPORTED_PAGE_SIZES:
-        raise ValueError(f"paged_attention kernel supports page_size in {_SUPPORTED_PAGE_SIZES}, got {page_size}")
-    group = q.shape[1] // k_pages.shape[2]
-    if group > _WGMMA_M:
-        raise ValueError(f"paged_attention kernel supports q_heads // kv_heads <= {_WGMMA_M}, got {group}")
-    config = TuningConfig() if config is None else config
-    if not isinstance(config, TuningConfig):
-        raise ValueError(f"config must be a TuningConfig or None, got {type(config).__name__}")
-    if config.block_kv % page_size:
-        raise ValueError(f"TuningConfig.block_kv ({config.block_kv}) must be a multiple of page_size ({page_size})")
-    if q.shape[0] == 0:
-        raise ValueError("paged_attention kernel needs at least one slot")
-    smem = _smem_bytes(config, head_dim, jnp.dtype(q.dtype).itemsize, page_size)
-    if smem > _MAX_SMEM_BYTES:
-        raise ValueError(
-            f"TuningConfig {config} needs {smem} bytes of shared memory at head_dim {head_dim}, "
-            f"over the sm_90 limit of {_MAX_SMEM_BYTES}: lower block_kv or num_buffers")
-    return config
-
-
-_MAX_SMEM_BYTES = 227 * 1024  # sm_90 opt-in shared memory per block
-
-
-def _smem_bytes(config: TuningConfig, head_dim: int, itemsize: int, page_size: int) -> int:
-    """Shared memory of one CTA (the scratch_types of _paged_decode_kernel_call), roughly."""
-    rows, kv = _WGMMA_M, config.block_kv
-    tiles = (rows * head_dim + 2 * config.num_buffers * kv * head_dim + rows * kv) * itemsize
-    barriers = 8 * (1 + 2 * config.num_buffers * (kv // page_size))
-    return tiles + 4 * (rows * head_dim + rows) + barriers + 4096  # + alignment slack (measured: ~2 KiB under at 260 KiB)
-
-
 def paged_attention(
     q: DecodeQueries,
     k_pages: LayerPages,
@@ -427,11 +363,91 @@ def paged_attention(
     scores/softmax/accumulation, q's dtype out. head_dim 64/128, page_size 16/32/64,
     q_heads // kv_heads <= 64. `sliding_window` raises NotImplementedError. `interpret=True`
     runs the GPU interpreter on CPU (tests; on JAX 0.10.2 it needs the wgmma-transpose patch
-    in tests/pallas_kernels/test_paged_attention_kernel.py). Jitted inside; callable under jit.
+    in tests/pallas_kernels/interpreter_patch.py). Jitted inside; callable under jit.
     """
     config = check_paged_attention_kernel_inputs(
         q, k_pages, v_pages, page_table, lengths, sliding_window=sliding_window, config=config)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     return _paged_attention_kernel_jit(q, k_pages, v_pages, page_table, lengths,
                                        scale=scale, config=config,
-                                       interpret=_interpret_params(interpret))
+                                       interpret=interpret_params(interpret))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference.
+# ---------------------------------------------------------------------------------------------
+
+
+def paged_attention_reference(
+    q: DecodeQueries,
+    k_pages: LayerPages,
+    v_pages: LayerPages,
+    page_table: PageTable,
+    lengths: SlotInts,
+    *,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+) -> DecodeQueries:
+    """Attention of one query token per slot against that slot's paged keys/values.
+
+    Layout:
+      q           [slots, q_heads, head_dim]                 the current token of each slot.
+      k_pages,
+      v_pages     [pages, page_size, kv_heads, head_dim]     one layer of the KV pool; page 0
+                                                             is conventionally a "null" page.
+      page_table  int [slots, pages_per_seq]                 entry p is the page holding the
+                                                             slot's tokens p*page_size ..
+                                                             (p+1)*page_size - 1.
+      lengths     int [slots]                                valid tokens per slot, INCLUDING
+                                                             the current one (its K/V already
+                                                             written); the query sits at
+                                                             position lengths - 1.
+    Token t of a slot is visible iff t < lengths[s] and, with `sliding_window=W`,
+    (lengths[s] - 1) - t < W (the query sees itself and the W-1 previous tokens). Slots with
+    length 0 return 0. Table entries past a slot's length may point anywhere (out-of-range ids
+    are clamped), and invisible positions may hold NaN: they are zeroed with `jnp.where`
+    before any arithmetic. lengths must not exceed pages_per_seq * page_size.
+
+    Query head h reads KV head h // (q_heads // kv_heads). Scores and softmax are float32 at
+    HIGHEST matmul precision; the result has q's dtype.
+    """
+    require_int("page_table", page_table.dtype)
+    require_int("lengths", lengths.dtype)
+    _check_shapes(q.shape, k_pages.shape, v_pages.shape, page_table.shape, lengths.shape)
+    check_window(sliding_window)
+    return _paged_attention(q, k_pages, v_pages, page_table, lengths, sliding_window,
+                            q.shape[-1] ** -0.5 if scale is None else scale)
+
+
+def _paged_attention(
+    q: DecodeQueries,
+    k_pages: LayerPages,
+    v_pages: LayerPages,
+    page_table: PageTable,
+    lengths: SlotInts,
+    sliding_window: int | None,
+    scale: float,
+) -> DecodeQueries:
+    # Design: gather every table entry's page into a dense [slots, tokens, kv_heads, head_dim]
+    # view (simple, O(pages_per_seq * page_size) per slot, fine for an oracle), then mask by
+    # token position. With a single query per slot the mask is per (slot, token), so zeroing
+    # masked K/V rows makes NaN-poisoned pages harmless everywhere, not just in the softmax.
+    slots, q_heads, head_dim = q.shape
+    _, page_size, kv_heads, _ = k_pages.shape
+    tokens = page_table.shape[1] * page_size
+    pos = jnp.arange(tokens)
+    visible = pos[None, :] < lengths[:, None]  # [slots, tokens]
+    if sliding_window is not None:
+        visible = visible & ((lengths[:, None] - 1) - pos[None, :] < sliding_window)
+
+    k32, v32 = (jnp.take(x, page_table, axis=0, mode="clip") for x in (k_pages, v_pages))
+    keep = visible[:, :, None, None]
+    k32, v32 = (
+        jnp.where(keep, x.reshape(slots, tokens, kv_heads, head_dim).astype(jnp.float32), 0.0)
+        for x in (k32, v32)
+    )
+    qg = q.astype(jnp.float32).reshape(slots, kv_heads, q_heads // kv_heads, head_dim)
+    scores = jnp.einsum("nkgd,ntkd->nkgt", qg, k32, precision=HIGHEST) * scale
+    probs = masked_softmax(scores, visible[:, None, None, :])
+    out = jnp.einsum("nkgt,ntkd->nkgd", probs, v32, precision=HIGHEST)
+    return out.reshape(slots, q_heads, head_dim).astype(q.dtype)

@@ -1,12 +1,12 @@
 """Weight-only quantized matmul: bf16/fp16 activations x int8/int4 weights (group-wise scales,
-optional zero points). The plain-jnp reference (CPU path, kernel oracle) and a Pallas Mosaic GPU
-(Hopper, sm_90) kernel, `quant_matmul`, that dequantizes inside the kernel.
+optional zero points). A Pallas Mosaic GPU (Hopper, sm_90) kernel, `quant_matmul`, that
+dequantizes inside the kernel, and its plain-jnp reference, `quant_matmul_reference` (the CPU
+path, and the kernel's oracle), built on `dequantize`.
 
-Weight layout (that of `jaxinfer.quant.weight.QuantizedWeight`, kind "affine"): the logical
-weight is W [K, N]; `codes` uint8 is [K/2, N] for bits=4 (code (k, n) in the low nibble of
-codes[k // 2, n] for even k, the high nibble for odd k) and [K, N] for bits=8; `scales` float
-[K/g, N]; `zeros` uint8 [K/g, N] or None (zero); W[k, n] = scales[k//g, n] * (code - zero).
-Per-channel quantization is one group: group_size == K.
+Weight layout: the logical weight is W [K, N]; `codes` uint8 is [K/2, N] for bits=4 (code (k, n)
+in the low nibble of codes[k // 2, n] for even k, the high nibble for odd k) and [K, N] for
+bits=8; `scales` float [K/g, N]; `zeros` uint8 [K/g, N] or None (zero);
+W[k, n] = scales[k//g, n] * (code - zero). Per-channel quantization is one group: group_size == K.
 """
 
 import dataclasses
@@ -18,75 +18,14 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.flash_attention import _interpret_params
-
-_HIGHEST = jax.lax.Precision.HIGHEST
-
-
-# ---------------------------------------------------------------------------------------------
-# Reference.
-# ---------------------------------------------------------------------------------------------
-def _unpack_codes(codes, bits: int):
-    """uint8 codes -> int32 [K, N] one code per element."""
-    c = codes.astype(jnp.int32)
-    if bits != 4:
-        return c
-    both = jnp.stack([c & 0xF, c >> 4], axis=1)  # [K/2, 2, N]
-    return both.reshape(c.shape[0] * 2, c.shape[1])
-
-
-def dequantize(codes, scales, zeros=None, *, bits: int, group_size: int, g_idx=None):
-    """The dense float32 weight W [K, N]."""
-    q = _unpack_codes(codes, bits)
-    k = q.shape[0]
-    if g_idx is not None:
-        rows = jnp.asarray(g_idx, jnp.int32)
-    else:
-        rows = jnp.arange(k, dtype=jnp.int32) // group_size
-    if zeros is not None:
-        q = q - jnp.take(zeros.astype(jnp.int32), rows, axis=0)
-    return q.astype(jnp.float32) * jnp.take(scales.astype(jnp.float32), rows, axis=0)
-
-
-def quant_matmul_reference(x, codes, scales, zeros=None, *, bits: int, group_size: int, g_idx=None):
-    """x [M, K] @ dequantize(W) [K, N] in float32 (HIGHEST precision): float32 [M, N].
-
-    Same semantics as `QuantizedWeight(codes, scales, zeros, g_idx, bits=bits,
-    group_size=group_size).matmul(x)`; `g_idx` (GPTQ act-order) is supported here.
-    """
-    _check_common(x.shape, codes, scales, zeros, bits, group_size)
-    w = dequantize(codes, scales, zeros, bits=bits, group_size=group_size, g_idx=g_idx)
-    return jnp.dot(x.astype(jnp.float32), w, precision=_HIGHEST, preferred_element_type=jnp.float32)
-
-
-# ---------------------------------------------------------------------------------------------
-# Mosaic GPU kernel.
-#
-# The kernel computes the transposed product out^T [N, M] = W^T [N, K] @ x^T [K, M], so that the
-# weight's N fills the 64-row wgmma M dimension and the (small, decode) token count M only
-# needs padding to a multiple of 8 (the wgmma N granularity), not to 64.
-#
-# Grid: (N / tile_n, M_pad / block_m, split_k). One CTA (one warpgroup) owns a [tile_n, block_m]
-# output tile and a contiguous range of K steps of tile_k rows each (a step never straddles a
-# quantization group: tile_k divides group_size). Per step:
-#   TMA the packed codes tile [tile_k (/2 for int4), tile_n] uint8 and the activation tile
-#   [block_m, tile_k] into SMEM (prefetching num_buffers - 1 steps ahead);
-#   load the codes into registers, unpack (int4: `& 0xF`, `>> 4`), convert to bf16/fp16 (codes
-#   0..255 are exact in both) and store the code tile into a swizzled SMEM buffer;
-#   acc_step = codes^T @ x^T (wgmma, both operands transposed SMEM views, f32 accumulation);
-#   acc += scale[group, n-tile] (a per-row f32 vector) * acc_step.
-# int4 nibble order: the low nibbles of a tile's bytes go to rows [0, tile_k/2) of the code
-# tile and the high nibbles to rows [tile_k/2, tile_k); the wrapper permutes x's columns the
-# same way (evens then odds within each tile), so no register interleaving is needed.
-# Zero points are applied outside the kernel, exactly: sum_k s (c - z) x = sum_k s c x -
-# s z sum_k x, i.e. out -= (per-group sums of x) @ (scales * zeros), a [M, K/g] x [K/g, N] dot.
-# split_k partial outputs are summed by the wrapper.
-# ---------------------------------------------------------------------------------------------
+from pallas_kernels._common import HIGHEST, NUM_SMS, SMEM_BYTES, SUPPORTED_DTYPES, interpret_params
 
 _SUPPORTED_BITS = (4, 8)
-_SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-_NUM_SMS = 132  # H100 SXM; only used by the default split_k heuristic
-_MAX_SMEM_BYTES = 227 * 1024  # sm_90 opt-in shared memory per block
+
+
+# ---------------------------------------------------------------------------------------------
+# Tuning config.
+# ---------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,11 +61,6 @@ class TuningConfig:
             raise ValueError(f"TuningConfig.split_k must be None or >= 1, got {self.split_k}")
 
 
-def _swizzled(minor_elems: int, bits: int, what: str):
-    swizzle = plgpu.find_swizzle(minor_elems * bits, what)
-    return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
-
-
 def _block_m(m: int, tile_m: int) -> tuple[int, int]:
     """(block_m, m_pad): small M in one tile padded to a multiple of 8, else tiles of tile_m."""
     if m <= tile_m:
@@ -137,7 +71,7 @@ def _block_m(m: int, tile_m: int) -> tuple[int, int]:
 
 def _default_split_k(tiles: int, k_steps: int) -> int:
     """The smallest divisor of k_steps that gives ~every SM a CTA, keeping >= 4 steps each."""
-    want = -(-_NUM_SMS // max(1, tiles))
+    want = -(-NUM_SMS // max(1, tiles))
     best = 1
     for s in range(1, k_steps + 1):
         if k_steps % s or k_steps // s < 4:
@@ -146,6 +80,42 @@ def _default_split_k(tiles: int, k_steps: int) -> int:
         if s >= want:
             break
     return best
+
+
+def _smem_bytes(block_m: int, tile_k: int, tile_n: int, nb: int, bits: int, itemsize: int) -> int:
+    tkc = tile_k // 2 if bits == 4 else tile_k
+    return (nb * (block_m * tile_k * itemsize + tkc * tile_n) + tile_k * tile_n * itemsize
+            + 4 * tile_n * block_m + 16 * nb + 2048)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel: Mosaic GPU, Hopper (sm_90).
+#
+# The kernel computes the transposed product out^T [N, M] = W^T [N, K] @ x^T [K, M], so that the
+# weight's N fills the 64-row wgmma M dimension and the (small, decode) token count M only
+# needs padding to a multiple of 8 (the wgmma N granularity), not to 64.
+#
+# Grid: (N / tile_n, M_pad / block_m, split_k). One CTA (one warpgroup) owns a [tile_n, block_m]
+# output tile and a contiguous range of K steps of tile_k rows each (a step never straddles a
+# quantization group: tile_k divides group_size). Per step:
+#   TMA the packed codes tile [tile_k (/2 for int4), tile_n] uint8 and the activation tile
+#   [block_m, tile_k] into SMEM (prefetching num_buffers - 1 steps ahead);
+#   load the codes into registers, unpack (int4: `& 0xF`, `>> 4`), convert to bf16/fp16 (codes
+#   0..255 are exact in both) and store the code tile into a swizzled SMEM buffer;
+#   acc_step = codes^T @ x^T (wgmma, both operands transposed SMEM views, f32 accumulation);
+#   acc += scale[group, n-tile] (a per-row f32 vector) * acc_step.
+# int4 nibble order: the low nibbles of a tile's bytes go to rows [0, tile_k/2) of the code
+# tile and the high nibbles to rows [tile_k/2, tile_k); the wrapper permutes x's columns the
+# same way (evens then odds within each tile), so no register interleaving is needed.
+# Zero points are applied outside the kernel, exactly: sum_k s (c - z) x = sum_k s c x -
+# s z sum_k x, i.e. out -= (per-group sums of x) @ (scales * zeros), a [M, K/g] x [K/g, N] dot.
+# split_k partial outputs are summed by the wrapper.
+# ---------------------------------------------------------------------------------------------
+
+
+def _swizzled(minor_elems: int, bits: int, what: str):
+    swizzle = plgpu.find_swizzle(minor_elems * bits, what)
+    return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
 
 
 def _quant_matmul_kernel_call(x_pad, codes, scales, *, bits, group_size, tile_k, tile_n,
@@ -246,29 +216,9 @@ def _permute_int4_columns(x, tile_k: int):
     return x.reshape(m, k // tile_k, tile_k // 2, 2).transpose(0, 1, 3, 2).reshape(m, k)
 
 
-def _quant_matmul_kernel(x, codes, scales, zeros, *, bits, group_size, tile_k, tile_n, tile_m,
-                         num_buffers, split_k, interpret):
-    m, k = x.shape
-    block_m, m_pad = _block_m(m, tile_m)
-    xp = _permute_int4_columns(x, tile_k) if bits == 4 else x
-    xp = jnp.pad(xp, ((0, m_pad - m), (0, 0)))
-    part = _quant_matmul_kernel_call(
-        xp, codes, scales.astype(jnp.float32), bits=bits, group_size=group_size, tile_k=tile_k,
-        tile_n=tile_n, block_m=block_m, num_buffers=num_buffers, split_k=split_k,
-        interpret=interpret)
-    out = (part[0] if split_k == 1 else part.sum(axis=0))[:, :m].T
-    if zeros is not None:
-        groups = k // group_size
-        xsum = x.astype(jnp.float32).reshape(m, groups, group_size).sum(axis=-1)
-        sz = scales.astype(jnp.float32) * zeros.astype(jnp.float32)
-        out = out - jnp.dot(xsum, sz, precision=_HIGHEST, preferred_element_type=jnp.float32)
-    return out
-
-
-_quant_matmul_kernel_jit = jax.jit(
-    _quant_matmul_kernel,
-    static_argnames=("bits", "group_size", "tile_k", "tile_n", "tile_m", "num_buffers",
-                     "split_k", "interpret"))
+# ---------------------------------------------------------------------------------------------
+# Validated, jitted entry point.
+# ---------------------------------------------------------------------------------------------
 
 
 def _check_common(x_shape, codes, scales, zeros, bits, group_size) -> None:
@@ -301,12 +251,6 @@ def _check_common(x_shape, codes, scales, zeros, bits, group_size) -> None:
             raise ValueError(f"zeros must be uint8, got {jnp.dtype(zeros.dtype)}")
 
 
-def _smem_bytes(block_m: int, tile_k: int, tile_n: int, nb: int, bits: int, itemsize: int) -> int:
-    tkc = tile_k // 2 if bits == 4 else tile_k
-    return (nb * (block_m * tile_k * itemsize + tkc * tile_n) + tile_k * tile_n * itemsize
-            + 4 * tile_n * block_m + 16 * nb + 2048)
-
-
 def check_quant_matmul_inputs(x, codes, scales, zeros=None, *, bits, group_size, config=None,
                               g_idx=None) -> dict:
     """Raises (ValueError / NotImplementedError) for inputs the kernel does not support; returns
@@ -320,7 +264,7 @@ def check_quant_matmul_inputs(x, codes, scales, zeros=None, *, bits, group_size,
             "reordered at load time) has contiguous groups, i.e. g_idx[perm] == arange(K) // group_size "
             "when every group has group_size rows")
     _check_common(x.shape, codes, scales, zeros, bits, group_size)
-    if jnp.dtype(x.dtype) not in _SUPPORTED_DTYPES:
+    if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
         raise ValueError(f"quant_matmul kernel needs x bfloat16 or float16, got {jnp.dtype(x.dtype)}")
     config = TuningConfig() if config is None else config
     if not isinstance(config, TuningConfig):
@@ -349,11 +293,36 @@ def check_quant_matmul_inputs(x, codes, scales, zeros=None, *, bits, group_size,
         raise ValueError(f"TuningConfig.split_k={split_k} must divide the {k_steps} K steps")
     nb = max(1, min(config.num_buffers, k_steps // split_k))
     smem = _smem_bytes(block_m, tile_k, config.tile_n, nb, bits, jnp.dtype(x.dtype).itemsize)
-    if smem > _MAX_SMEM_BYTES:
+    if smem > SMEM_BYTES:
         raise ValueError(f"{config} needs ~{smem} bytes of shared memory, over the sm_90 limit "
-                         f"{_MAX_SMEM_BYTES}: lower tile_m, tile_k or num_buffers")
+                         f"{SMEM_BYTES}: lower tile_m, tile_k or num_buffers")
     return dict(tile_k=tile_k, tile_n=config.tile_n, tile_m=config.tile_m,
                 num_buffers=config.num_buffers, split_k=split_k)
+
+
+def _quant_matmul_kernel(x, codes, scales, zeros, *, bits, group_size, tile_k, tile_n, tile_m,
+                         num_buffers, split_k, interpret):
+    m, k = x.shape
+    block_m, m_pad = _block_m(m, tile_m)
+    xp = _permute_int4_columns(x, tile_k) if bits == 4 else x
+    xp = jnp.pad(xp, ((0, m_pad - m), (0, 0)))
+    part = _quant_matmul_kernel_call(
+        xp, codes, scales.astype(jnp.float32), bits=bits, group_size=group_size, tile_k=tile_k,
+        tile_n=tile_n, block_m=block_m, num_buffers=num_buffers, split_k=split_k,
+        interpret=interpret)
+    out = (part[0] if split_k == 1 else part.sum(axis=0))[:, :m].T
+    if zeros is not None:
+        groups = k // group_size
+        xsum = x.astype(jnp.float32).reshape(m, groups, group_size).sum(axis=-1)
+        sz = scales.astype(jnp.float32) * zeros.astype(jnp.float32)
+        out = out - jnp.dot(xsum, sz, precision=HIGHEST, preferred_element_type=jnp.float32)
+    return out
+
+
+_quant_matmul_kernel_jit = jax.jit(
+    _quant_matmul_kernel,
+    static_argnames=("bits", "group_size", "tile_k", "tile_n", "tile_m", "num_buffers",
+                     "split_k", "interpret"))
 
 
 def quant_matmul(
@@ -381,4 +350,60 @@ def quant_matmul(
     p = check_quant_matmul_inputs(x, codes, scales, zeros, bits=bits, group_size=group_size,
                                   config=config, g_idx=g_idx)
     return _quant_matmul_kernel_jit(x, codes, scales, zeros, bits=bits, group_size=group_size,
-                                    interpret=_interpret_params(interpret), **p)
+                                    interpret=interpret_params(interpret), **p)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference.
+# ---------------------------------------------------------------------------------------------
+
+
+def unpack_codes(codes, bits: int):
+    """uint8 codes [*layers, K/2 or K, N] -> int32 [*layers, K, N], one code per element."""
+    c = codes.astype(jnp.int32)
+    if bits != 4:  # every other width is stored one code per byte
+        return c
+    both = jnp.stack([c & 0xF, c >> 4], axis=-2)  # [*layers, K/2, 2, N]
+    return both.reshape(*c.shape[:-2], c.shape[-2] * 2, c.shape[-1])
+
+
+def dequantize(codes, scales, zeros=None, *, bits: int, group_size: int, g_idx=None, table=None):
+    """The dense float32 weight W [*layers, K, N] of codes [*layers, K/2 or K, N].
+
+    Row k belongs to group g(k) = g_idx[k] (GPTQ act-order, [*layers, K]) or k // group_size.
+    W[k, n] = (code - zeros[g(k), n]) * scales[g(k), n], zeros None meaning zero; with a 16-entry
+    code book `table` [*layers, 16] (NF4 / FP4) W[k, n] = table[code] * scales[g(k), n] instead,
+    and zero points are not used.
+    """
+    # One multiply per element in float32 (codes and zero points are exact integers before it),
+    # so the result does not depend on how the per-group arrays are expanded.
+    q = unpack_codes(codes, bits)
+    k = q.shape[-2]
+    if g_idx is None:
+        rows = jnp.arange(k, dtype=jnp.int32) // group_size
+    else:
+        rows = jnp.asarray(g_idx, jnp.int32)
+
+    def per_row(a):  # [*layers, G, N] -> [*layers, K, N]
+        # Size-1 index dims broadcast as whole slices: a row gather, not one index per element.
+        idx = rows.reshape((1,) * (a.ndim - rows.ndim - 1) + rows.shape + (1,))
+        return jnp.take_along_axis(a, idx, axis=-2)
+
+    scale = per_row(scales.astype(jnp.float32))
+    if table is not None:
+        flat = q.reshape(*q.shape[:-2], -1)
+        values = jnp.take_along_axis(table.astype(jnp.float32), flat, axis=-1)
+        return values.reshape(q.shape) * scale
+    if zeros is not None:
+        q = q - per_row(zeros.astype(jnp.int32))
+    return q.astype(jnp.float32) * scale
+
+
+def quant_matmul_reference(x, codes, scales, zeros=None, *, bits: int, group_size: int, g_idx=None):
+    """x [M, K] @ dequantize(W) [K, N] in float32 (HIGHEST precision): float32 [M, N].
+
+    `g_idx` (GPTQ act-order) is supported here, not by the kernel.
+    """
+    _check_common(x.shape, codes, scales, zeros, bits, group_size)
+    w = dequantize(codes, scales, zeros, bits=bits, group_size=group_size, g_idx=g_idx)
+    return jnp.dot(x.astype(jnp.float32), w, precision=HIGHEST, preferred_element_type=jnp.float32)

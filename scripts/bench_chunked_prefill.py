@@ -38,7 +38,7 @@ p50/p90/p99 use linear interpolation (numpy's default). Also reported: the long 
 prefill) and engine.stats()["prefill_tokens"].
 
 Compilation: with `--warmup full` (default) every (batch bucket, length bucket) admit/prefill
-shape plus decode/fork/evict is compiled first by scripts/benchmark.py's warm_up (all chunk sizes
+shape plus decode/fork/evict is compiled first by scripts/bench_common.py's warm_up (all chunk sizes
 share the same EngineConfig, so the same compiled code). Then, in both warm-up modes, one
 unmeasured run of the scenario per configuration: the scheduling is deterministic (the long
 prompt arrives after a token count, not a time), so this alone compiles every shape the measured
@@ -50,21 +50,15 @@ run that compiled anything is an error (RuntimeError).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
-import json
-import os
-import platform
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_metrics import percentile  # noqa: E402
-from benchmark import jit_cache_sizes, load_model_arg, warm_up  # noqa: E402
+import bench_common
+from bench_common import cache_growth, jit_cache_sizes, load_model_arg, log, warm_up
+from bench_metrics import percentile
 
 STATS = ("p50", "p90", "p99", "max")
 
@@ -230,9 +224,7 @@ def median_of(runs: list[dict]) -> dict:
 # ---------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = ap.add_mutually_exclusive_group()
-    src.add_argument("--model", help="HF checkpoint dir (default: stories260K when found, else --preset llama-20m)")
-    src.add_argument("--preset", help="random weights of a preset (llama-20m, tiny, ...)")
+    bench_common.add_model_args(ap, "llama-20m, tiny, ...")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--max-seq-len", type=int, default=512, help="capped at the model's max_position_embeddings")
     ap.add_argument("--num-short", type=int, default=8, help="short requests decoding when the long prompt arrives")
@@ -277,11 +269,6 @@ def main(argv=None) -> dict:
     if args.warmup is None:
         args.warmup = "scenario" if args.quick else "full"
 
-    def log(msg=""):
-        print(msg, flush=True)
-
-    import jax
-
     model, name, model_dir = load_model_arg(args)
     mc = model.config
     max_seq_len = min(args.max_seq_len, mc.max_position_embeddings)
@@ -296,33 +283,23 @@ def main(argv=None) -> dict:
     slots = args.slots or args.num_short + 1
     if slots < args.num_short + 1:
         raise SystemExit(f"error: --slots {slots} < --num-short + 1: the long request needs a free slot")
-    pages_per_seq = -(-max_seq_len // args.page_size)
-    kw = dict(max_slots=slots, page_size=args.page_size, num_pages=slots * pages_per_seq + 1,
-              max_seq_len=max_seq_len, decode_steps=args.decode_steps,
-              max_prefill_batch=min(args.max_prefill_batch or args.num_short, slots),
-              prefix_caching=not args.no_prefix_caching)
+    kw = bench_common.engine_kwargs(slots, max_seq_len, args.page_size, args.decode_steps,
+                                    args.max_prefill_batch or args.num_short)
+    kw["prefix_caching"] = not args.no_prefix_caching
 
     rng = np.random.default_rng(args.seed)
-    low = min(3, mc.vocab_size - 1)  # keep clear of the usual special ids 0..2
-    short_prompts = [rng.integers(low, mc.vocab_size, int(n)).tolist()
+    short_prompts = [bench_common.random_prompt(rng, mc.vocab_size, int(n))
                      for n in rng.integers(lo, hi + 1, args.num_short)]
-    long_prompt = rng.integers(low, mc.vocab_size, long_len).tolist()
+    long_prompt = bench_common.random_prompt(rng, mc.vocab_size, long_len)
 
-    log(f"model: {name}, {mc.num_params() / 1e6:.2f}M params, {args.dtype}; jax {jax.__version__} "
-        f"on {jax.default_backend()} ({os.cpu_count()} CPUs)")
+    log(bench_common.model_banner(name, mc, args.dtype))
     log(f"scenario: {args.num_short} short requests (prompts {lo}-{hi} tokens, {args.short_max_tokens} output "
         f"tokens, EOS ignored, greedy) decoding; after each produced {args.long_after} tokens one long prompt of "
         f"{long_len} tokens ({args.long_max_tokens} output tokens) arrives")
     log(f"engine: {kw}; prefill_chunk in {[chunk_name(c) for c in args.chunks]}; {args.repeat} repeats interleaved")
 
     out: dict = {
-        "model": {"name": name, "dir": model_dir, "preset": args.preset, "params": mc.num_params(),
-                  "dtype": args.dtype, "config": dataclasses.asdict(mc)},
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "python": platform.python_version(), "jax": jax.__version__, "backend": jax.default_backend(),
-                    "devices": [str(d) for d in jax.devices()]},
-        "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
-        "engine": kw,
+        **bench_common.run_header(args, name, model_dir, mc, kw),
         "workload": {"short_prompt_lens": [len(p) for p in short_prompts], "long_prompt_len": long_len},
         "notes": [
             "timestamps: StreamDelta.time (perf_counter when the tokens reached the host)",
@@ -344,7 +321,7 @@ def main(argv=None) -> dict:
         run_once(model, kw, c, short_prompts, long_prompt, args)
     after = jit_cache_sizes()
     out["warmup"]["scenario_seconds"] = time.perf_counter() - t
-    out["warmup"]["scenario_new_compilations"] = {k: after[k] - before[k] for k in after}
+    out["warmup"]["scenario_new_compilations"] = cache_growth(before, after)
     log(f"warm-up: one unmeasured run per configuration in {out['warmup']['scenario_seconds']:.1f} s, "
         f"{sum(after.values()) - sum(before.values())} new compilations")
 
@@ -367,8 +344,7 @@ def main(argv=None) -> dict:
     out["results"] = {k: median_of(v) for k, v in runs.items()}
     print_table(out["results"], args, log)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        bench_common.write_json(args.json, out)
         log(f"wrote {args.json}")
     return out
 

@@ -42,7 +42,6 @@ import argparse
 import dataclasses
 import gc
 import importlib
-import json
 import math
 import platform
 import sys
@@ -57,9 +56,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pallas_kernels.flash_attention import flash_attention_reference  # noqa: E402
-from pallas_kernels.paged_attention import paged_attention_reference  # noqa: E402
+from bench_common import write_json
+from pallas_kernels.flash_attention import flash_attention_reference
+from pallas_kernels.paged_attention import paged_attention_reference
 
 KERNELS = ("flash", "paged")
 DTYPES = ("bfloat16", "float16")
@@ -595,8 +594,7 @@ def main(argv=None) -> dict:
           f"{args.iters} runs after {args.warmup} warm-up")
     print_table(rows, rooflines)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2, default=str))
+        write_json(args.json, out, indent=2, default=str)
     return out
 
 

@@ -57,20 +57,21 @@ import dataclasses
 import json
 import math
 import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import bench_metrics  # noqa: E402
-from bench_metrics import RequestRecord  # noqa: E402
+import bench_common
+import bench_metrics
+import bench_plots
+from bench_common import jit_cache_sizes, load_model_arg, log, warm_up
+from bench_metrics import RequestRecord
 
 SHAREGPT = {"input": {"median": 96.0, "sigma": 1.0}, "output": {"median": 128.0, "sigma": 0.8}, "min": 4}
+# the step functions jaxinfer.Engine(profile=True) times (engine.profile())
+PROFILED = ("admit", "prefill", "fork", "decode_steps", "evict", "num_free_pages")
 
 
 # ---------------------------------------------------------------------------- workload
@@ -119,8 +120,7 @@ def make_workload(args, vocab: int, max_seq_len: int) -> Workload:
     if len(bad):
         raise SystemExit(f"error: request {bad[0]} has prompt {inp[bad[0]]} + output {out[bad[0]]} tokens > "
                          f"max_seq_len {max_seq_len}; shorten the lengths or raise --max-seq-len")
-    low = min(3, vocab - 1)  # keep clear of the usual special ids 0..2
-    prompts = [rng.integers(low, vocab, int(k)).tolist() for k in inp]
+    prompts = [bench_common.random_prompt(rng, vocab, int(k)) for k in inp]
     if math.isinf(args.request_rate):
         arrivals = [0.0] * n
     else:
@@ -131,74 +131,8 @@ def make_workload(args, vocab: int, max_seq_len: int) -> Workload:
 
 # ---------------------------------------------------------------------------- jaxinfer runs
 def engine_kwargs(args, slots: int, max_seq_len: int) -> dict:
-    pages_per_seq = -(-max_seq_len // args.page_size)
-    num_pages = args.num_pages or slots * pages_per_seq + 1  # every slot's worst case fits
-    return dict(max_slots=slots, page_size=args.page_size, num_pages=num_pages, max_seq_len=max_seq_len,
-                decode_steps=args.decode_steps, max_prefill_batch=min(args.max_prefill_batch or slots, slots))
-
-
-def load_model_arg(args):
-    """The model named by --preset (random weights) or --model DIR; neither: stories260K when the
-    shared assets are found, else the llama-20m preset (args.preset is then set). Returns
-    (model, display name, model dir or None)."""
-    import jaxinfer
-    from jaxinfer.__main__ import _default_model_dir
-
-    if args.preset:
-        return jaxinfer.dummy_model(jaxinfer.get_preset(args.preset), dtype=args.dtype), f"{args.preset} (random weights)", args.model
-    path = Path(args.model) if args.model else _default_model_dir()
-    if path is None:
-        args.preset = "llama-20m"
-        return jaxinfer.dummy_model(jaxinfer.get_preset("llama-20m"), dtype=args.dtype), "llama-20m (random weights)", None
-    return jaxinfer.load_model(path, dtype=args.dtype), path.name, str(path)
-
-
-def jit_cache_sizes() -> dict:
-    """Number of compiled variants of each jitted entry point jaxinfer.Engine calls (see
-    jaxinfer/engine.py; insert_jit, admit + prefill + first decode in one call, is no longer one)."""
-    from jaxinfer import steps
-
-    names = ("admit_jit", "prefill_jit", "decode_steps_jit", "fork_jit", "evict_jit", "num_free_pages_jit")
-    return {name: getattr(steps, name)._cache_size() for name in names}
-
-
-def warm_up(model, kwargs: dict, max_prompt: int, log, seed: int = 0) -> dict:
-    """Compile (and run once) admit and prefill for every (batch bucket, length bucket) pair the
-    workload can use, plus decode_steps, fork, evict and the free-page count. Both modes (and
-    every `prefill_chunk`) share the compiled code: they use the same EngineConfig, and a chunked
-    prefill only uses length buckets up to the chunk's, all of which are compiled here.
-
-    Every row gets a DISTINCT random prompt: identical prompts share their first page in the
-    prefix cache, so the engine would admit them one per step (batch bucket 1 only) and later
-    rows would hit the cache and prefill fewer tokens (a smaller length bucket). Random prompts
-    of fresh ids never hit the cache of earlier warm-up rows either."""
-    import jaxinfer
-
-    kwargs = {k: v for k, v in kwargs.items() if k != "prefill_chunk"}  # whole prompts: every bucket
-    engine = jaxinfer.Engine(model, mode="continuous", seed=0, **kwargs)
-    cfg = engine.cfg
-    vocab = model.config.vocab_size
-    low = min(3, vocab - 1)  # keep clear of the usual special ids 0..2
-    rng = np.random.default_rng(seed + 12345)
-    top = cfg.prefill_bucket(min(max_prompt, cfg.max_seq_len - 1))
-    lengths = [t for t in cfg.prefill_buckets if t <= top]
-    sp = jaxinfer.SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-    before = jit_cache_sizes()
-    t0 = time.perf_counter()
-    for b in cfg.batch_buckets:
-        for t in lengths:
-            n = min(t, cfg.max_seq_len - 1)
-            engine.generate([rng.integers(low, vocab, n).tolist() for _ in range(b)], sp)
-    if cfg.max_slots >= 2:  # fork (SamplingParams.n > 1), so that it is compiled as well
-        engine.generate([rng.integers(low, vocab, lengths[0]).tolist()],
-                        jaxinfer.SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, n=2))
-    seconds = time.perf_counter() - t0
-    after = jit_cache_sizes()
-    log(f"warm-up: compiled/ran {len(cfg.batch_buckets)} batch buckets x {len(lengths)} length buckets "
-        f"{cfg.batch_buckets} x {tuple(lengths)} (admit + prefill) + decode + fork + evict in {seconds:.1f} s "
-        f"(excluded from timing)")
-    return {"seconds": seconds, "batch_buckets": list(cfg.batch_buckets), "length_buckets": lengths,
-            "new_compilations": {k: after[k] - before[k] for k in after}}
+    return bench_common.engine_kwargs(slots, max_seq_len, args.page_size, args.decode_steps,
+                                      args.max_prefill_batch or slots, args.num_pages)
 
 
 def run_engine(model, kwargs: dict, mode: str, wl: Workload, progress: bool, desc: str) -> dict:
@@ -256,66 +190,40 @@ def median_run(runs: list[dict]) -> dict:
 
 
 def profile_run(model, kwargs: dict, wl: Workload) -> dict:
-    """Where the time of a continuous offline run goes: the engine's jitted calls are wrapped
-    so that each one blocks until its result is ready and is timed; host time is the rest of
-    `engine.step()` (scheduling, packing, device_get, token hand-out, detokenisation). Blocking
-    removes the overlap of host work and device work, so the total is a bit above a normal run."""
-    import jax
-
+    """Where the time of a continuous offline run goes: the engine runs with `profile=True`, so
+    each jitted call blocks until its result is ready and is timed (`engine.profile()`); host time
+    is the rest of `engine.step()` (scheduling, packing, device_get, token hand-out,
+    detokenisation). Blocking removes the overlap of host work and device work, so the total is a
+    bit above a normal run."""
     import jaxinfer
-    import jaxinfer.engine as eng_mod
 
-    names = ("admit_jit", "prefill_jit", "fork_jit", "decode_steps_jit", "evict_jit", "num_free_pages_jit")
-    spent = dict.fromkeys(names, 0.0)
-    calls = dict.fromkeys(names, 0)
-    prefill_shapes: collections.Counter = collections.Counter()
-    originals = {n: getattr(eng_mod, n) for n in names}
-
-    def timed(name):
-        f = originals[name]
-
-        def call(*a):
-            t = time.perf_counter()
-            r = f(*a)
-            jax.block_until_ready(r)
-            spent[name] += time.perf_counter() - t
-            calls[name] += 1
-            if name == "prefill_jit":
-                prefill_shapes[str(tuple(a[3].tokens.shape))] += 1
-            return r
-        return call
-
-    engine = jaxinfer.Engine(model, mode="continuous", seed=0, **kwargs)
+    engine = jaxinfer.Engine(model, mode="continuous", seed=0, profile=True, **kwargs)
     for i, p in enumerate(wl.prompts):
         engine.add_request(p, jaxinfer.SamplingParams(max_tokens=wl.output_lens[i], temperature=0.0, ignore_eos=True))
-    try:
-        for n in names:
-            setattr(eng_mod, n, timed(n))
-        steps, step_time, tokens = 0, 0.0, 0
-        t0 = time.perf_counter()
-        while engine.has_unfinished():
-            t = time.perf_counter()
-            tokens += sum(len(d.token_ids) for d in engine.step())
-            step_time += time.perf_counter() - t
-            steps += 1
-        total = time.perf_counter() - t0
-    finally:
-        for n in names:
-            setattr(eng_mod, n, originals[n])
+    steps, step_time, tokens = 0, 0.0, 0
+    t0 = time.perf_counter()
+    while engine.has_unfinished():
+        t = time.perf_counter()
+        tokens += sum(len(d.token_ids) for d in engine.step())
+        step_time += time.perf_counter() - t
+        steps += 1
+    total = time.perf_counter() - t0
+    prof = engine.profile()
+    spent = {n: prof.get(n, {}).get("seconds", 0.0) for n in PROFILED}
+    calls = {n: prof.get(n, {}).get("calls", 0) for n in PROFILED}
     device = sum(spent.values())
     cfg = engine.cfg
-    decode_tokens_computed = calls["decode_steps_jit"] * cfg.decode_steps * cfg.max_slots
+    decode_tokens_computed = calls["decode_steps"] * cfg.decode_steps * cfg.max_slots
     return {
         "total_s": total, "steps": steps, "output_tokens": tokens,
-        "admit_s": spent["admit_jit"], "admit_calls": calls["admit_jit"],
-        "prefill_s": spent["prefill_jit"], "prefill_calls": calls["prefill_jit"],
-        "prefill_shapes_batch_x_len": dict(prefill_shapes),
-        "fork_s": spent["fork_jit"], "free_pages_s": spent["num_free_pages_jit"],
-        "decode_steps_s": spent["decode_steps_jit"], "decode_steps_calls": calls["decode_steps_jit"],
-        "decode_ms_per_step": 1000 * spent["decode_steps_jit"] / max(1, calls["decode_steps_jit"] * cfg.decode_steps),
+        "admit_s": spent["admit"], "admit_calls": calls["admit"],
+        "prefill_s": spent["prefill"], "prefill_calls": calls["prefill"],
+        "fork_s": spent["fork"], "free_pages_s": spent["num_free_pages"],
+        "decode_steps_s": spent["decode_steps"], "decode_steps_calls": calls["decode_steps"],
+        "decode_ms_per_step": 1000 * spent["decode_steps"] / max(1, calls["decode_steps"] * cfg.decode_steps),
         # every token comes from decode (a request's first one too) / slot-steps run
         "decode_slot_utilisation": tokens / max(1, decode_tokens_computed),
-        "evict_s": spent["evict_jit"], "evict_calls": calls["evict_jit"],
+        "evict_s": spent["evict"], "evict_calls": calls["evict"],
         "host_in_step_s": step_time - device, "outside_step_s": total - step_time,
     }
 
@@ -326,8 +234,8 @@ def print_profile(p: dict, log) -> None:
                        ("evict_s", "evict"), ("fork_s", "fork"), ("free_pages_s", "free-page count"),
                        ("host_in_step_s", "host, inside step()"), ("outside_step_s", "host, outside step()")):
         log(f"{label:<22}{p[key]:>8.3f} s {p[key] / p['total_s']:>6.1%}")
-    log(f"{'total':<22}{p['total_s']:>8.3f} s; {p['steps']} steps, {p['prefill_calls']} prefills "
-        f"{p['prefill_shapes_batch_x_len']}, decode {p['decode_ms_per_step']:.2f} ms per decode step, "
+    log(f"{'total':<22}{p['total_s']:>8.3f} s; {p['steps']} steps, {p['prefill_calls']} prefills, "
+        f"decode {p['decode_ms_per_step']:.2f} ms per decode step, "
         f"{p['decode_slot_utilisation']:.0%} of computed slot-steps produced a token")
 
 
@@ -452,116 +360,19 @@ def print_tables(results: dict, log) -> None:
                 log(f"{mode:<12}ITL gaps that are 0 (same host sync): {m['itl_zero_fraction']:.1%}")
 
 
-def plot_all(out: dict, plot_dir: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plot_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    e = out["engine"]
-    base = f"{out['model']['name']} on {out['machine']['backend']}, {out['workload']['num_requests']} requests"
-    title = f"{base}, slots={e['max_slots']}, decode_steps={e['decode_steps']}"
-
-    offline = out["results"]["offline"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    names = list(offline)
-    vals = [offline[k]["metrics"]["output_throughput"] for k in names]
-    colors = ["tab:orange" if k == "hf" else "tab:blue" for k in names]
-    bars = ax.bar(names, vals, color=colors)
-    hf = offline.get("hf")
-    for b, k, v in zip(bars, names, vals):
-        label = f"{v:,.0f}" + (f"\n{v / hf['metrics']['output_throughput']:.1f}x hf" if hf and k != "hf" else "")
-        ax.annotate(label, (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=9)
-    ax.set_ylabel("output tokens / s")
-    ax.set_xlabel("runtime / batching mode")
-    hfb = f", hf batch={hf['metrics']['batch_size']}" if hf else ""
-    ax.set_title(f"Offline output throughput\n{title}{hfb}", fontsize=10)
-    ax.set_ylim(0, max(vals) * 1.25)
-    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color="tab:blue"), plt.Rectangle((0, 0), 1, 1, color="tab:orange")],
-              labels=["jaxinfer", "HF transformers generate"], loc="upper right")
-    fig.tight_layout()
-    fig.savefig(plot_dir / "throughput.png", dpi=120)
-    plt.close(fig)
-    written.append("throughput.png")
-
-    for phase, runs in out["results"].items():
-        if not runs:
-            continue
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-        for ax, (key, label) in zip(axes, (("ttft", "TTFT"), ("itl", "ITL"), ("e2e", "E2E latency"))):
-            for mode, r in runs.items():
-                reqs = r["requests"]
-                if mode == "hf":
-                    if key != "e2e":
-                        continue
-                    xs = [q["completion_s"] - q["arrival_s"] for q in reqs]
-                    mlabel = "hf (batch completion time)"
-                elif key == "ttft":
-                    xs = [q["token_times_s"][0] - q["arrival_s"] for q in reqs if q["token_times_s"]]
-                    mlabel = mode
-                elif key == "e2e":
-                    xs = [q["token_times_s"][-1] - q["arrival_s"] for q in reqs if q["token_times_s"]]
-                    mlabel = mode
-                else:
-                    xs = [b - a for q in reqs for a, b in zip(q["token_times_s"], q["token_times_s"][1:])]
-                    mlabel = f"{mode} ({sum(x == 0 for x in xs) / max(1, len(xs)):.0%} of gaps are 0)"
-                if not xs:
-                    continue
-                xs = np.sort(np.asarray(xs) * 1000.0)
-                ax.step(xs, np.arange(1, len(xs) + 1) / len(xs), where="post", label=mlabel)
-            ax.set_xlabel(f"{label} (ms)")
-            ax.set_ylabel("fraction of " + ("token gaps" if key == "itl" else "requests"))
-            ax.set_title(f"{label} CDF" + (" (gaps in one host sync = 0)" if key == "itl" else ""), fontsize=10)
-            ax.set_ylim(0, 1.02)
-            ax.grid(alpha=0.3)
-            ax.legend(loc="best")
-        fig.suptitle(f"Latency CDFs, {phase}: {title}", fontsize=11)
-        fig.tight_layout()
-        name = f"latency_cdf_{phase.split(' ')[0]}.png"
-        fig.savefig(plot_dir / name, dpi=110)
-        plt.close(fig)
-        written.append(name)
-
-    if out.get("sweep"):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        modes = list(out["sweep"][0]["output_throughput"])
-        for mode in modes:
-            xs = [s["slots"] for s in out["sweep"]]
-            ys = [s["output_throughput"][mode] for s in out["sweep"]]
-            ax.plot(xs, ys, marker="o", label=mode if mode != "hf" else "hf (batch size = slots)")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(xs, [str(x) for x in xs])
-        ax.set_xlabel("number of slots (concurrent sequences)")
-        ax.set_ylabel("output tokens / s")
-        ax.set_title(f"Offline output throughput vs slots\n{base}, decode_steps={e['decode_steps']}", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.set_ylim(0, None)
-        ax.legend(loc="best")
-        fig.tight_layout()
-        fig.savefig(plot_dir / "throughput_vs_slots.png", dpi=120)
-        plt.close(fig)
-        written.append("throughput_vs_slots.png")
-    return written
-
-
 # ---------------------------------------------------------------------------- main
 def save(out: dict, args, log, plots: bool = True) -> None:
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        bench_common.write_json(args.json, out)
         log(f"wrote {args.json}")
     if args.plots and plots:
-        files = plot_all(out, Path(args.plots))
+        files = bench_plots.plot_all(out, Path(args.plots))
         log(f"wrote {', '.join(str(Path(args.plots) / f) for f in files)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = ap.add_mutually_exclusive_group()
-    src.add_argument("--model", help="HF checkpoint dir (default: stories260K when found, else --preset llama-20m)")
-    src.add_argument("--preset", help="random weights of a preset (llama-20m, tiny, llama-3.2-1b, ...)")
+    bench_common.add_model_args(ap, "llama-20m, tiny, llama-3.2-1b, ...")
     ap.add_argument("--dtype", default="float32", help="model dtype for jaxinfer (HF always runs float32)")
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--input-len", type=parse_dist, default="sharegpt", help="fixed:L | uniform:LO:HI | sharegpt")
@@ -599,7 +410,7 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     if args.replot:
         out = json.loads(Path(args.replot).read_text())
-        files = plot_all(out, Path(args.plots or Path(args.replot).parent))
+        files = bench_plots.plot_all(out, Path(args.plots or Path(args.replot).parent))
         print(f"wrote {', '.join(files)}")
         return out
     modes = [m for m in args.modes.split(",") if m]
@@ -609,9 +420,6 @@ def main(argv=None) -> dict:
     sweep = [int(s) for s in args.sweep_slots.split(",") if s]
     progress = not args.no_progress
 
-    def log(msg=""):
-        print(msg, flush=True)
-
     import jax
 
     model, name, model_dir = load_model_arg(args)
@@ -619,21 +427,14 @@ def main(argv=None) -> dict:
     max_seq_len = min(args.max_seq_len, mc.max_position_embeddings)
     wl = make_workload(args, mc.vocab_size, max_seq_len)
     kw = engine_kwargs(args, args.slots, max_seq_len)
-    log(f"model: {name}, {mc.num_params() / 1e6:.2f}M params, {args.dtype}; jax {jax.__version__} "
-        f"on {jax.default_backend()} ({os.cpu_count()} CPUs)")
+    log(bench_common.model_banner(name, mc, args.dtype))
     log(f"workload: {len(wl.prompts)} requests, prompt len mean {np.mean(wl.input_lens):.0f} "
         f"(max {max(wl.input_lens)}), output len mean {np.mean(wl.output_lens):.0f} (max {max(wl.output_lens)}), "
         f"EOS ignored, greedy; request rate {args.request_rate} req/s")
     log(f"engine: {kw}")
 
     out: dict = {
-        "model": {"name": name, "dir": model_dir, "preset": args.preset, "params": mc.num_params(),
-                  "dtype": args.dtype, "config": dataclasses.asdict(mc)},
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "python": platform.python_version(), "jax": jax.__version__, "backend": jax.default_backend(),
-                    "devices": [str(d) for d in jax.devices()]},
-        "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
-        "engine": kw,
+        **bench_common.run_header(args, name, model_dir, mc, kw),
         "workload": {"num_requests": len(wl.prompts), "input_lens": wl.input_lens, "output_lens": wl.output_lens,
                      "arrivals_s": wl.arrivals, "total_input_tokens": sum(wl.input_lens),
                      "total_output_tokens": sum(wl.output_lens), "sharegpt_params": SHAREGPT},
@@ -672,7 +473,7 @@ def main(argv=None) -> dict:
             for mode in modes:
                 timed(online, mode, run_engine(model, kw, mode, wl, progress, f"{mode} online{tag}"))
     cache1 = jit_cache_sizes()
-    out["compilations_during_timed_runs"] = {k: cache1[k] - cache0[k] for k in cache1}
+    out["compilations_during_timed_runs"] = bench_common.cache_growth(cache0, cache1)
     results = {phase: {mode: median_run(rs) for mode, rs in by_mode.items()} for phase, by_mode in runs.items()}
     pick_best_hf(results["offline"])
     out["results"] = results

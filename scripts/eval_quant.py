@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import platform
 import re
@@ -57,13 +56,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import eval_perplexity as ep  # noqa: E402
-
-import jaxinfer  # noqa: E402
-from jaxinfer.quant import QuantizedWeight  # noqa: E402
-from jaxinfer.quant.quantize import LINEAR_KEYS  # noqa: E402
+import jaxinfer
+import stride_perplexity as sp
+from bench_common import write_json
+from jaxinfer.quant import QuantizedWeight
+from jaxinfer.quant.quantize import LINEAR_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO.parent / "shared" / "assets"
@@ -194,17 +191,17 @@ def weight_sizes(model: jaxinfer.Model) -> dict:
 
 def timed_perplexity(model: jaxinfer.Model, ids: np.ndarray, window: int, stride: int, batch: int,
                      repeats: int = 1) -> dict:
-    """eval_perplexity.evaluate after a warm-up call of the same compiled shape (compile excluded);
+    """stride_perplexity.evaluate after a warm-up call of the same compiled shape (compile excluded);
     tokens_per_s is the best of `repeats` passes (the first one gives the NLL)."""
-    rows = min(batch, len(ep.stride_windows(len(ids), window, stride)))
+    rows = min(batch, len(sp.stride_windows(len(ids), window, stride)))
     width = min(window, len(ids))
     t0 = time.perf_counter()
-    jax.block_until_ready(ep._token_nll(model, jnp.zeros((rows, width), jnp.int32)))
+    jax.block_until_ready(sp.token_nll(model, jnp.zeros((rows, width), jnp.int32)))
     compile_s = time.perf_counter() - t0
-    res = ep.evaluate(model, ids, window, stride, batch)
+    res = sp.evaluate(model, ids, window, stride, batch)
     best = res["seconds"]
     for _ in range(repeats - 1):
-        best = min(best, ep.evaluate(model, ids, window, stride, batch)["seconds"])
+        best = min(best, sp.evaluate(model, ids, window, stride, batch)["seconds"])
     res.update(compile_seconds=compile_s, best_seconds=best, tokens_per_s=res["tokens"] / best)
     return res
 
@@ -249,19 +246,14 @@ def run(model_dir, text_file, modes: list[Mode], *, max_tokens: int | None = 409
     model_dir, text_file = Path(model_dir), Path(text_file)
     t_start = time.perf_counter()
     model = jaxinfer.load_model(model_dir, dtype="float32")
-    tok = jaxinfer.load_tokenizer(model_dir)
-    if tok is None:
-        raise FileNotFoundError(f"no tokenizer.json in {model_dir}: cannot tokenize the text")
+    tok = sp.text_tokenizer(model_dir)
 
     def encode(path: Path) -> list[int]:
-        ids = tok.encode(path.read_text(encoding="utf-8"))
-        if tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
-            ids = [tok.bos_id, *ids]
-        return ids
+        return sp.encode_text(tok, path)[0]
 
     all_ids = encode(text_file)
     ids = np.asarray(all_ids[:max_tokens] if max_tokens is not None else all_ids, np.int32)
-    ep.check_settings(len(ids), window, stride, batch)
+    sp.check_settings(len(ids), window, stride, batch)
 
     calib, calib_info = None, None
     if any(m.method == "gptq" for m in modes):
@@ -416,7 +408,7 @@ def main(argv=None) -> dict:
         ap.error("--decode-tokens must be >= 0")
     try:
         modes = parse_modes(args.modes)
-        ep.check_settings(2, args.window, args.stride, args.batch)
+        sp.check_settings(2, args.window, args.stride, args.batch)
         out = run(args.model, args.text, modes, max_tokens=args.max_tokens or None, window=args.window,
                   stride=args.stride, batch=args.batch, calib_text=args.calib_text, calib_offset=args.calib_offset,
                   calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, damp=args.damp,
@@ -427,8 +419,7 @@ def main(argv=None) -> dict:
     print(format_table(out))
     print(f"total {out['total_seconds']:.1f} s")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        write_json(args.json, out, indent=2)
     return out
 
 

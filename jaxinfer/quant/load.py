@@ -21,22 +21,16 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxinfer.checkpoint import (
+    FLOAT_STORAGE, ExpectedTensor, Found, check_tensors, dense_expected, hf_tensor_specs, load_dense,
+)
 from jaxinfer.config import ModelConfig, QuantConfig
 from jaxinfer.errors import CheckpointError
 from jaxinfer.model import Model
 from jaxinfer.quant.weight import QuantizedWeight
 
-_FLOATS = {"F64", "F32", "F16", "BF16"}
 _INV_127 = np.float32(7.874015718698502e-3)  # bitsandbytes' float32 1/127
 _INT8_OFFSET = 128  # signed int8 codes are stored as uint8 code + 128 with zero point 128
-
-
-class QuantTensor(NamedTuple):
-    """One tensor of a quantized linear layer: expected HF shape (None: any) and storage dtypes."""
-
-    shape: tuple[int, ...] | None
-    dtypes: frozenset[str]
-    required: bool = True
 
 
 class QuantLinear(NamedTuple):
@@ -51,8 +45,6 @@ class QuantLinear(NamedTuple):
 
 def quant_linears(config: ModelConfig) -> list[QuantLinear]:
     """The linear modules a quantized checkpoint stores quantized (all of each layer's seven)."""
-    from jaxinfer.weights import hf_tensor_specs
-
     out = []
     for name, spec in hf_tensor_specs(config).items():
         if spec.layer is not None and spec.transpose:  # a layer's linear weight, HF [out, in]
@@ -65,34 +57,34 @@ def _nested_blocks(n_blocks: int) -> int:
     return math.ceil(n_blocks / 256)
 
 
-def quant_tensor_specs(config: ModelConfig) -> dict[str, QuantTensor]:
+def quant_tensor_specs(config: ModelConfig) -> dict[str, ExpectedTensor]:
     """Every tensor that replaces a linear `.weight` in a checkpoint quantized as `config.quant`."""
     q = config.quant
     assert q is not None
     i32, u8, i8, f32 = frozenset({"I32"}), frozenset({"U8"}), frozenset({"I8"}), frozenset({"F32"})
-    specs: dict[str, QuantTensor] = {}
+    specs: dict[str, ExpectedTensor] = {}
     for lin in quant_linears(config):
         p, k, n = lin.prefix, lin.k, lin.n
         if q.method == "gptq":
             g = _num_groups(q, k)
             # Packed widths that are not whole int32 words are reported as the fractional shape.
-            specs[f"{p}.qweight"] = QuantTensor((_words(k, q.bits), n), i32)
-            specs[f"{p}.qzeros"] = QuantTensor((g, _words(n, q.bits)), i32)
-            specs[f"{p}.scales"] = QuantTensor((g, n), frozenset(_FLOATS))
-            specs[f"{p}.g_idx"] = QuantTensor((k,), i32, required=q.desc_act)
+            specs[f"{p}.qweight"] = ExpectedTensor((_words(k, q.bits), n), i32)
+            specs[f"{p}.qzeros"] = ExpectedTensor((g, _words(n, q.bits)), i32)
+            specs[f"{p}.scales"] = ExpectedTensor((g, n), FLOAT_STORAGE)
+            specs[f"{p}.g_idx"] = ExpectedTensor((k,), i32, required=q.desc_act)
         elif q.bits == 8:
-            specs[f"{p}.weight"] = QuantTensor((n, k), i8)
-            specs[f"{p}.SCB"] = QuantTensor((n,), f32)
-            specs[f"{p}.weight_format"] = QuantTensor((), u8, required=False)
+            specs[f"{p}.weight"] = ExpectedTensor((n, k), i8)
+            specs[f"{p}.SCB"] = ExpectedTensor((n,), f32)
+            specs[f"{p}.weight_format"] = ExpectedTensor((), u8, required=False)
         else:
             blocks = n * k // q.group_size
-            specs[f"{p}.weight"] = QuantTensor((n * k // 2, 1), u8)
-            specs[f"{p}.weight.absmax"] = QuantTensor((blocks,), u8 if q.double_quant else f32)
-            specs[f"{p}.weight.quant_map"] = QuantTensor((16,), f32)
-            specs[f"{p}.weight.quant_state.bitsandbytes__{q.quant_type}"] = QuantTensor(None, u8)
+            specs[f"{p}.weight"] = ExpectedTensor((n * k // 2, 1), u8)
+            specs[f"{p}.weight.absmax"] = ExpectedTensor((blocks,), u8 if q.double_quant else f32)
+            specs[f"{p}.weight.quant_map"] = ExpectedTensor((16,), f32)
+            specs[f"{p}.weight.quant_state.bitsandbytes__{q.quant_type}"] = ExpectedTensor(None, u8)
             if q.double_quant:
-                specs[f"{p}.weight.nested_absmax"] = QuantTensor((_nested_blocks(blocks),), f32)
-                specs[f"{p}.weight.nested_quant_map"] = QuantTensor((256,), f32)
+                specs[f"{p}.weight.nested_absmax"] = ExpectedTensor((_nested_blocks(blocks),), f32)
+                specs[f"{p}.weight.nested_quant_map"] = ExpectedTensor((256,), f32)
     return specs
 
 
@@ -105,44 +97,11 @@ def _words(width: int, bits: int) -> int | float:
     return width * bits // 32 if (width * bits) % 32 == 0 else width * bits / 32
 
 
-def check_quantized(found: dict[str, tuple[Any, list[int], str]], config: ModelConfig, where: Path) -> None:
+def check_quantized(found: Found, config: ModelConfig, where: Path) -> None:
     """One CheckpointError listing every missing, unexpected, misshapen or mistyped tensor."""
-    from jaxinfer.weights import _tolerated_extra, hf_tensor_specs
-
     linear_weights = {f"{lin.prefix}.weight" for lin in quant_linears(config)}
-    dense = {n: s for n, s in hf_tensor_specs(config).items() if n not in linear_weights}
-    quant = quant_tensor_specs(config)
-    missing = [n for n in dense if n not in found] + [n for n, s in quant.items() if s.required and n not in found]
-    unexpected = sorted(n for n in found if n not in dense and n not in quant and not _tolerated_extra(n, config))
-    misshapen = [
-        f"{n}: found {list(found[n][1])}, expected {list(s.shape)}"
-        for n, s in dense.items() if n in found and tuple(found[n][1]) != s.shape
-    ] + [
-        f"{n}: found {list(found[n][1])}, expected {list(s.shape)}"
-        + (" (the packed width is not a whole number of int32 words)" if any(isinstance(d, float) for d in s.shape) else "")
-        for n, s in quant.items() if n in found and s.shape is not None and tuple(found[n][1]) != s.shape
-    ]
-    bad_dtype = [f"{n}: {found[n][2]} (expected floating point)" for n in dense if n in found and found[n][2] not in _FLOATS]
-    bad_dtype += [
-        f"{n}: {found[n][2]} (expected {' or '.join(sorted(s.dtypes))})"
-        for n, s in quant.items() if n in found and found[n][2] not in s.dtypes
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors ({len(missing)}): {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected)}")
-    if misshapen:
-        problems.append(f"tensors with the wrong shape ({len(misshapen)}):\n    " + "\n    ".join(misshapen))
-    if bad_dtype:
-        problems.append(f"tensors with the wrong dtype ({len(bad_dtype)}): {', '.join(bad_dtype)}")
-    if problems:
-        q = config.quant
-        raise CheckpointError(
-            f"quantized checkpoint {where} does not match its config.json ({config.model_type}, "
-            f"{config.num_layers} layers, hidden {config.hidden_size}, {q.method} {q.bits}-bit):\n  "
-            + "\n  ".join(problems)
-        )
+    expected = {**dense_expected(config, skip=linear_weights), **quant_tensor_specs(config)}
+    check_tensors(found, expected, config, where, what="quantized checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +206,7 @@ def bnb_4bit_arrays(tensors: dict[str, np.ndarray], q: QuantConfig, k: int, n: i
 # Loading
 
 
-def _layer_arrays(found: dict[str, tuple[Any, list[int], str]], lin: QuantLinear,
+def _layer_arrays(found: Found, lin: QuantLinear,
                   q: QuantConfig) -> dict[str, np.ndarray]:
     def get(name: str) -> np.ndarray | None:
         entry = found.get(name)
@@ -273,11 +232,9 @@ def _weight_meta(q: QuantConfig, k: int) -> dict[str, Any]:
     return {"bits": 4, "group_size": q.group_size, "kind": "table"}
 
 
-def load_quantized(path: Path, found: dict[str, tuple[Any, list[int], str]], config: ModelConfig,
+def load_quantized(path: Path, found: Found, config: ModelConfig,
                    dtype: np.dtype, show: bool = False) -> Model:
     """Builds the Model of a quantized checkpoint; `found` maps names to (handle, shape, dtype)."""
-    from jaxinfer.weights import hf_tensor_specs, load_dense
-
     check_quantized(found, config, path)
     q = config.quant
     linears = quant_linears(config)

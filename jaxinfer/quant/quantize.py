@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxinfer.model import Model, apply_rope, linear, rms_norm, rope_tables
+from jaxinfer.model import Model, causal_attend, layer, rope_tables
 from jaxinfer.quant.gptq import affine_codes, affine_params, gptq_quantize, hessian
 from jaxinfer.quant.load import pack_codes
 from jaxinfer.quant.weight import QuantizedWeight
@@ -141,27 +141,16 @@ def to_quantized_weight(per_layer: list[Arrays]) -> QuantizedWeight:
 
 
 # ---------------------------------------------------------------------------------------------
-# One decoder layer, exposing each linear layer's input (for GPTQ's calibration).
+# One decoder layer (the model's own), exposing each linear layer's input for GPTQ's calibration.
 
 
 @jax.jit
 def _layer_io(model: Model, lp: dict[str, Any], x: jax.Array) -> dict[str, jax.Array]:
-    from jaxinfer.attention import prefill_attention
-
-    cfg = model.config
+    """The model's own layer on calibration activations x: each linear group's input and the output."""
     b, t, _ = x.shape
-    cos, sin = rope_tables(cfg, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
-    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-    q = linear(h, lp["wq"], lp.get("bq")).reshape(b, t, cfg.num_heads, cfg.head_dim)
-    k = linear(h, lp["wk"], lp.get("bk")).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    v = linear(h, lp["wv"], lp.get("bv")).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    o = prefill_attention(q, k, v, lengths=None, sliding_window=cfg.sliding_window).reshape(b, t, cfg.q_size)
-    x1 = x + linear(o, lp["wo"], lp.get("bo"))
-    h2 = rms_norm(x1, lp["mlp_norm"], cfg.rms_norm_eps)
-    act = jax.nn.silu(linear(h2, lp["w_gate"], lp.get("b_gate"))) * linear(h2, lp["w_up"], lp.get("b_up"))
-    out = x1 + linear(act, lp["w_down"], lp.get("b_down"))
-    return {"wq": h, "wo": o, "w_gate": h2, "w_down": act, "out": out}
+    rope = rope_tables(model.config, jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
+    out, _, taps = layer(model.config, lp, x, rope, causal_attend(model.config), None, jnp.int32(0))
+    return {**taps, "out": out}
 
 
 _STAGES = (("wq", ("wq", "wk", "wv")), ("wo", ("wo",)), ("w_gate", ("w_gate", "w_up")), ("w_down", ("w_down",)))

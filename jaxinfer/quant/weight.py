@@ -32,6 +32,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, UInt8
 
+from pallas_kernels import is_sm90
+from pallas_kernels import quant_matmul as qm
+
 KINDS = ("affine", "table", "llm_int8")
 # bitsandbytes' float32 constants for 1/127 and 1/(127*127) (int8_vectorwise_dequant, int8_mm_dequant).
 _INV_127 = 7.874015718698502e-3
@@ -74,34 +77,14 @@ class QuantizedWeight:
 
     def unpacked_codes(self) -> Int[Array, "*layers k n"]:
         """The codes one per element, int32 [*layers, K, N]."""
-        c = self.codes.astype(jnp.int32)
-        if self.bits != 4:
-            return c
-        lo, hi = c & 0xF, c >> 4
-        both = jnp.stack([lo, hi], axis=-2)  # [*layers, K/2, 2, N]
-        return both.reshape(*c.shape[:-2], c.shape[-2] * 2, c.shape[-1])
-
-    def _per_row(self, a: Array) -> Array:
-        """Expands a per-group [*layers, G, N] array to per input row [*layers, K, N]."""
-        if self.g_idx is not None:
-            idx = jnp.broadcast_to(self.g_idx[..., :, None], (*self.g_idx.shape, a.shape[-1]))
-            return jnp.take_along_axis(a, idx, axis=-2)
-        return jnp.repeat(a, self.group_size, axis=-2, total_repeat_length=self.in_features)
+        return qm.unpack_codes(self.codes, self.bits)
 
     def dequantize(self) -> Float[Array, "*layers k n"]:
         """The dense float32 weight [*layers, K, N]."""
-        q = self.unpacked_codes()
-        scale = self._per_row(self.scales.astype(jnp.float32))
-        if self.kind == "table":
-            if self.table is None:
-                raise ValueError("a 'table' QuantizedWeight needs its code table")
-            lead = q.shape[:-2]
-            flat = q.reshape(*lead, -1)
-            values = jnp.take_along_axis(self.table.astype(jnp.float32), flat, axis=-1)
-            return values.reshape(q.shape) * scale
-        if self.zeros is not None:
-            q = q - self._per_row(self.zeros.astype(jnp.int32))
-        return q.astype(jnp.float32) * scale
+        if self.kind == "table" and self.table is None:
+            raise ValueError("a 'table' QuantizedWeight needs its code table")
+        return qm.dequantize(self.codes, self.scales, self.zeros, bits=self.bits, group_size=self.group_size,
+                             g_idx=self.g_idx, table=self.table if self.kind == "table" else None)
 
     def matmul(self, x: Float[Array, "*b k"]) -> Float[Array, "*b n"]:
         """x @ W with float32 accumulation; float32 [*b, N]. Needs an unstacked (2-D) weight."""
@@ -121,24 +104,20 @@ class QuantizedWeight:
             raise ValueError(f"QuantizedWeight.backend {self.backend!r} is not one of {MATMUL_BACKENDS}")
         if self.backend == "reference" or self.kind != "affine" or self.g_idx is not None:
             return None
-        if self.backend == "auto":
-            device = jax.devices()[0]
-            if device.platform != "gpu" or getattr(device, "compute_capability", None) != "9.0":
-                return None
-        from pallas_kernels.quant_matmul import check_quant_matmul_inputs, quant_matmul
-
+        if self.backend == "auto" and not is_sm90():
+            return None
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype not in (jnp.bfloat16, jnp.float16):
             x2 = x2.astype(jnp.bfloat16)  # the kernel's activation dtypes
         try:
-            check_quant_matmul_inputs(x2, self.codes, self.scales, self.zeros, bits=self.bits,
-                                      group_size=self.group_size)
+            qm.check_quant_matmul_inputs(x2, self.codes, self.scales, self.zeros, bits=self.bits,
+                                         group_size=self.group_size)
         except (ValueError, NotImplementedError):
             if self.backend == "interpret":
                 raise  # asked for the kernel explicitly: say why it cannot run
             return None
-        out = quant_matmul(x2, self.codes, self.scales, self.zeros, bits=self.bits, group_size=self.group_size,
-                           interpret=self.backend == "interpret")
+        out = qm.quant_matmul(x2, self.codes, self.scales, self.zeros, bits=self.bits, group_size=self.group_size,
+                              interpret=self.backend == "interpret")
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def _llm_int8_matmul(self, x: Float[Array, "*b k"]) -> Float[Array, "*b n"]:

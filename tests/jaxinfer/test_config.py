@@ -14,7 +14,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from jaxinfer.config import ModelConfig, RopeConfig, config_from_hf, load_config
 from jaxinfer.errors import ConfigError
 from jaxinfer.presets import PRESETS, get_preset
-from jaxinfer.weights import config_to_hf
+from jaxinfer.config import config_to_hf
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2)

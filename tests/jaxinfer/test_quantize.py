@@ -342,8 +342,22 @@ def test_script_end_to_end(assets_dir, tmp_path):
     assert model.params["layers"]["w_down"].g_idx is not None  # 172 rows: a shorter last group
     dense = jaxinfer.load_model(model_dir)
     tokens = np.array([[1, 400, 33, 79, 12, 300]])
-    a, b = np.asarray(jaxinfer.forward(model, tokens)), np.asarray(jaxinfer.forward(dense, tokens))
-    assert np.isfinite(a).all() and np.abs(a - b).max() < 0.2 * np.abs(b).max()
+    a = np.asarray(jaxinfer.forward(model, tokens))
+    assert np.isfinite(a).all()
+    # Close to the dense model where it matters: mean NLL of held-out Shakespeare (not the
+    # calibration slice) within 10% of the dense model's. (GPTQ on 2 x 64 calibration tokens
+    # minimises the error on that distribution, not on arbitrary ids: a max-|logit| bound on a
+    # random probe fails for a correct GPTQ. A broken quantization -- e.g. uniform logits,
+    # NLL log(512) = 6.24 vs dense 5.49 -- fails this.)
+    tok = jaxinfer.load_tokenizer(model_dir)
+    held_out = tok.encode((assets_dir / "text" / "tinyshakespeare.txt").read_text()[100000:104000])[:256]
+    probe = np.asarray([[1] + held_out])
+
+    def nll(m):
+        lp = np.asarray(jax.nn.log_softmax(jaxinfer.forward(m, probe)[0, :-1]))
+        return -lp[np.arange(len(held_out)), held_out].mean()
+
+    assert nll(model) < 1.1 * nll(dense)
     # The script's output is a checkpoint load_model reads (as saved, no re-quantization).
     again = jaxinfer.load_model(out)
     assert isinstance(again.params["layers"]["w_down"], QuantizedWeight)

@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 from jaxinfer.errors import InvalidRequestError
-from jaxinfer.sampling import SamplingParams, sample, seed_to_key
+from jaxinfer.sampling import SamplingParams, sample, sample_key
 from jaxinfer.state import EngineConfig
 from jaxinfer.steps import make_requests
 
@@ -133,7 +133,7 @@ def _batch(cases, seeds):
         top_k=jnp.asarray([c[3] for c in cases], jnp.int32),
         top_p=jnp.asarray([c[4] for c in cases], jnp.float32),
         min_p=jnp.asarray([c[5] for c in cases], jnp.float32),
-        rng=jnp.asarray(np.stack([seed_to_key(int(s)) for s in seeds])),
+        rng=jnp.asarray(np.stack([sample_key(int(s)) for s in seeds])),
     )
 
 
@@ -315,5 +315,5 @@ def test_make_requests_key_matches_jax_random_key():
     for row, s in enumerate(seeds):
         want = np.asarray(jax.random.key_data(jax.random.key(s, impl="threefry2x32")))
         np.testing.assert_array_equal(req.rng[row], want, err_msg=f"seed {s}")
-        np.testing.assert_array_equal(np.asarray(seed_to_key(s)), want, err_msg=f"seed {s}")
+        np.testing.assert_array_equal(np.asarray(sample_key(s)), want, err_msg=f"seed {s}")
     np.testing.assert_array_equal(req.rng[len(seeds)], [0, 0])  # padding row

@@ -13,7 +13,8 @@ import pytest
 import jaxinfer
 from jaxinfer import SamplingParams
 from jaxinfer.state import init_state
-from jaxinfer.steps import Chunk, admit_jit, decode_jit, fork_jit, make_requests, prefill_jit, sample_key
+from jaxinfer.sampling import sample_key
+from jaxinfer.steps import Chunk, admit_jit, decode_jit, fork_jit, make_requests, prefill_jit
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 # Logprob tolerance where a feature changes the shape of a computation (chunk vs whole-prompt

@@ -146,12 +146,13 @@ def test_lengths_none_matches_oracle_and_jax(seed, causal, window):
 def test_annotations_use_the_dims_vocabulary():
     # Every shape annotation in pallas_kernels (private helpers included) must use
     # jaxinfer/dims.py's dimension vocabulary.
+    import pallas_kernels._common as common
     import pallas_kernels.flash_attention as fa
     import pallas_kernels.paged_attention as pa
     from jaxinfer import dims
 
     vocabulary = {getattr(dims, name) for name in dims.__all__ if name.isupper()}
-    hints = [inspect.signature(f) for m in (fa, pa) for f in vars(m).values()
+    hints = [inspect.signature(f) for m in (common, fa, pa) for f in vars(m).values()
              if inspect.isfunction(f) and f.__module__ == m.__name__]
     types = [p.annotation for sig in hints for p in sig.parameters.values()]
     types += [sig.return_annotation for sig in hints]

@@ -1,0 +1,144 @@
+"""What the benchmark / evaluation scripts in scripts/ share: the --model / --preset arguments and
+the model they name, the engine shape, the jit cache check and the compile warm-up of
+jaxinfer.Engine, random prompts, the run header of a result JSON and writing it.
+
+Not a CLI: imported by the scripts as `import bench_common` (`python scripts/X.py` makes
+scripts/ the first import directory). jax / jaxinfer are imported inside the functions, so a
+script's `--help` does not pay for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+# the jitted entry points jaxinfer.Engine calls (jaxinfer/steps.py)
+JIT_NAMES = ("admit_jit", "prefill_jit", "decode_steps_jit", "fork_jit", "evict_jit", "num_free_pages_jit")
+
+
+def log(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------------- model
+def add_model_args(ap, preset_examples: str = "llama-20m, tiny, ...") -> None:
+    """The mutually exclusive --model DIR / --preset NAME pair read by `load_model_arg`."""
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--model", help="HF checkpoint dir (default: stories260K when found, else --preset llama-20m)")
+    src.add_argument("--preset", help=f"random weights of a preset ({preset_examples})")
+
+
+def load_model_arg(args):
+    """The model named by --preset (random weights) or --model DIR; neither: stories260K when the
+    shared assets are found, else the llama-20m preset (args.preset is then set). Returns
+    (model, display name, model dir or None)."""
+    import jaxinfer
+
+    if args.preset:
+        return jaxinfer.dummy_model(jaxinfer.get_preset(args.preset), dtype=args.dtype), f"{args.preset} (random weights)", args.model
+    path = Path(args.model) if args.model else jaxinfer.default_model_dir()
+    if path is None:
+        args.preset = "llama-20m"
+        return jaxinfer.dummy_model(jaxinfer.get_preset("llama-20m"), dtype=args.dtype), "llama-20m (random weights)", None
+    return jaxinfer.load_model(path, dtype=args.dtype), path.name, str(path)
+
+
+def random_prompt(rng: np.random.Generator, vocab: int, n: int) -> list[int]:
+    """n random token ids, clear of the usual special ids 0..2."""
+    low = min(3, vocab - 1)
+    return rng.integers(low, vocab, n).tolist()
+
+
+# ---------------------------------------------------------------------------- engine
+def engine_kwargs(slots: int, max_seq_len: int, page_size: int, decode_steps: int, max_prefill_batch: int,
+                  num_pages: int = 0) -> dict:
+    """jaxinfer.Engine shape; num_pages 0: enough for every slot's worst case."""
+    pages_per_seq = -(-max_seq_len // page_size)
+    return dict(max_slots=slots, page_size=page_size, num_pages=num_pages or slots * pages_per_seq + 1,
+                max_seq_len=max_seq_len, decode_steps=decode_steps, max_prefill_batch=min(max_prefill_batch, slots))
+
+
+def jit_cache_sizes() -> dict:
+    """Number of compiled variants of each jitted entry point jaxinfer.Engine calls (see
+    jaxinfer/engine.py; insert_jit, admit + prefill + first decode in one call, is no longer one)."""
+    from jaxinfer import steps
+
+    return {name: getattr(steps, name)._cache_size() for name in JIT_NAMES}
+
+
+def cache_growth(before: dict, after: dict) -> dict:
+    return {k: after[k] - before[k] for k in after}
+
+
+def warm_up(model, kwargs: dict, max_prompt: int, log, seed: int = 0) -> dict:
+    """Compile (and run once) admit and prefill for every (batch bucket, length bucket) pair the
+    workload can use, plus decode_steps, fork, evict and the free-page count. Both modes (and
+    every `prefill_chunk`) share the compiled code: they use the same EngineConfig, and a chunked
+    prefill only uses length buckets up to the chunk's, all of which are compiled here.
+
+    Every row gets a DISTINCT random prompt: identical prompts share their first page in the
+    prefix cache, so the engine would admit them one per step (batch bucket 1 only) and later
+    rows would hit the cache and prefill fewer tokens (a smaller length bucket). Random prompts
+    of fresh ids never hit the cache of earlier warm-up rows either."""
+    import jaxinfer
+
+    kwargs = {k: v for k, v in kwargs.items() if k != "prefill_chunk"}  # whole prompts: every bucket
+    engine = jaxinfer.Engine(model, mode="continuous", seed=0, **kwargs)
+    cfg = engine.cfg
+    vocab = model.config.vocab_size
+    rng = np.random.default_rng(seed + 12345)
+    top = cfg.prefill_bucket(min(max_prompt, cfg.max_seq_len - 1))
+    lengths = [t for t in cfg.prefill_buckets if t <= top]
+    sp = jaxinfer.SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    before = jit_cache_sizes()
+    t0 = time.perf_counter()
+    for b in cfg.batch_buckets:
+        for t in lengths:
+            n = min(t, cfg.max_seq_len - 1)
+            engine.generate([random_prompt(rng, vocab, n) for _ in range(b)], sp)
+    if cfg.max_slots >= 2:  # fork (SamplingParams.n > 1), so that it is compiled as well
+        engine.generate([random_prompt(rng, vocab, lengths[0])],
+                        jaxinfer.SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, n=2))
+    seconds = time.perf_counter() - t0
+    after = jit_cache_sizes()
+    log(f"warm-up: compiled/ran {len(cfg.batch_buckets)} batch buckets x {len(lengths)} length buckets "
+        f"{cfg.batch_buckets} x {tuple(lengths)} (admit + prefill) + decode + fork + evict in {seconds:.1f} s "
+        f"(excluded from timing)")
+    return {"seconds": seconds, "batch_buckets": list(cfg.batch_buckets), "length_buckets": lengths,
+            "new_compilations": cache_growth(before, after)}
+
+
+# ---------------------------------------------------------------------------- report
+def model_banner(name: str, mc, dtype: str) -> str:
+    import jax
+
+    return (f"model: {name}, {mc.num_params() / 1e6:.2f}M params, {dtype}; jax {jax.__version__} "
+            f"on {jax.default_backend()} ({os.cpu_count()} CPUs)")
+
+
+def run_header(args, name: str, model_dir: str | None, mc, engine: dict) -> dict:
+    """The "model", "machine", "args" and "engine" entries that open a serving benchmark's JSON."""
+    import jax
+
+    return {
+        "model": {"name": name, "dir": model_dir, "preset": args.preset, "params": mc.num_params(),
+                  "dtype": args.dtype, "config": dataclasses.asdict(mc)},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "python": platform.python_version(), "jax": jax.__version__, "backend": jax.default_backend(),
+                    "devices": [str(d) for d in jax.devices()]},
+        "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+        "engine": engine,
+    }
+
+
+def write_json(path, obj, indent: int = 1, **dumps_kw) -> None:
+    """Write `obj` as JSON to `path`, creating its directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=indent, **dumps_kw))

@@ -33,6 +33,12 @@ from jaxinfer.quant import quantize
 # Errors.
 from jaxinfer.errors import CheckpointError, ConfigError, InvalidRequestError, JaxinferError
 
+# Compiled programs are kept on disk (jaxinfer/aot.py; JAXINFER_CACHE_DIR=0 turns it off): turn
+# JAX's persistent compilation cache on too, unless the user configured one.
+from jaxinfer import aot  # noqa: E402
+
+aot.enable_persistent_cache()
+
 __all__ = [
     # engine
     "Engine", "RequestOutput", "SampleOutput", "StreamDelta", "SamplingParams", "ByteTokenizer", "Tokenizer",

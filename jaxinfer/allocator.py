@@ -48,6 +48,7 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Int, UInt32
 
 NULL_PAGE = 0
@@ -75,13 +76,19 @@ class PageAllocator:
         return self.tokens.shape[1]
 
 
+def init_arrays(num_pages: int, page_size: int) -> dict[str, np.ndarray]:
+    """The fields of an empty allocator as NumPy arrays (distinct buffers: the steps donate)."""
+    z = lambda: np.zeros((num_pages,), np.int32)  # noqa: E731
+    refcount, hashes = z(), np.zeros((num_pages,), np.uint32)
+    refcount[NULL_PAGE], hashes[NULL_PAGE] = 1, ROOT_HASH
+    return dict(refcount=refcount, cached=np.zeros((num_pages,), bool), hash=hashes, parent=z(), parent_gen=z(),
+                gen=z(), tokens=np.zeros((num_pages, page_size), np.int32), evict_key=z(),
+                clock=np.zeros((), np.int32))
+
+
 def init(num_pages: int, page_size: int) -> PageAllocator:
-    z = lambda: jnp.zeros((num_pages,), jnp.int32)  # noqa: E731  (distinct buffers: donation)
-    return PageAllocator(
-        refcount=z().at[NULL_PAGE].set(1), cached=jnp.zeros((num_pages,), bool),
-        hash=jnp.zeros((num_pages,), jnp.uint32).at[NULL_PAGE].set(ROOT_HASH), parent=z(), parent_gen=z(),
-        gen=z(), tokens=jnp.zeros((num_pages, page_size), jnp.int32), evict_key=z(), clock=jnp.zeros((), jnp.int32),
-    )
+    """An empty allocator: every page free but the null page."""
+    return PageAllocator(**jax.device_put(init_arrays(num_pages, page_size)))
 
 
 def _fmix(x: UInt32[Array, "*b"]) -> UInt32[Array, "*b"]:

@@ -2,12 +2,26 @@
 
 `backend` is a static string (EngineConfig.attention_backend):
 - "auto": the Pallas Mosaic GPU kernels on a Hopper GPU (sm_90) when the inputs are ones they
-  support (bf16/fp16, head_dim 64/128, no sliding window, ...), else the references. CPU
-  always uses the references.
-- "reference": the plain-jnp references (the CPU path, and the oracles for the kernels).
+  support (bf16/fp16, head_dim 64/128, no sliding window, ...), else "xla".
+- "xla": jnp written for XLA (the CPU path): decode attends over a dense per-burst view of the
+  live positions (below), the paged pool is read with the layer index folded into the gather.
+- "reference": the plain-jnp references of `pallas_kernels` (the oracles for the kernels and
+  for "xla"; they gather every slot's whole page table).
 - "pallas": the kernels, compiled for the GPU; unsupported inputs raise instead of falling back.
 - "interpret": the kernels in Mosaic GPU interpret mode (CPU testing); unsupported inputs raise.
-The model code calls only these two functions, so swapping kernels never touches it.
+
+The KV pool is always passed whole, `[layers, pages, page_size, kv_heads, head_dim]`, with the
+layer index: slicing one layer out of it (or out of anything big) makes XLA copy it first.
+
+Decode views (the "xla" decode path). One decode step reads every live K/V position of every
+slot; gathering them from scattered pages into the layout a batched dot wants costs several
+times the dot itself on XLA:CPU (a strided transposing copy). `decode_view` does that gather
+once per decode burst, for `span` positions (a bucket over the live lengths, so the work
+follows the real context, not max_seq_len): per layer K^T `[slots, kv_heads, head_dim, span]`
+and V `[slots, kv_heads, span, head_dim]` in float32, the canonical operands of the two batched
+dots. Each step writes its new token into the view in place (`view_write`) as well as into
+the pool, and `view_attention` attends over it. Positions >= length are masked with `where`, so
+whatever the view holds there (other pages' data, NaN) cannot leak.
 """
 
 from __future__ import annotations
@@ -17,10 +31,10 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels import flash_attention as fa
-from pallas_kernels import is_sm90
+from pallas_kernels import is_sm90, masked_softmax
 from pallas_kernels import paged_attention as pa
 
-BACKENDS = ("auto", "reference", "pallas", "interpret")
+BACKENDS = ("auto", "xla", "reference", "pallas", "interpret")
 KERNEL_HEAD_DIMS = (64, 128)
 
 
@@ -44,7 +58,7 @@ def _use_kernel(backend: str, check) -> bool:
     """Whether to call the kernel; `check()` raises for inputs it does not support."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
-    if backend == "reference":
+    if backend in ("reference", "xla"):
         return False
     if backend == "auto":
         if not is_sm90():
@@ -56,6 +70,13 @@ def _use_kernel(backend: str, check) -> bool:
         return True
     check()  # "pallas" / "interpret": the caller asked for the kernel, so say why it can't run
     return True
+
+
+def uses_views(backend: str) -> bool:
+    """Whether decode on this backend attends over `decode_view`s (the "xla" path)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
+    return backend == "xla" or (backend == "auto" and not is_sm90())
 
 
 def prefill_attention(
@@ -84,32 +105,104 @@ def prefill_attention(
 
 def decode_attention(
     q: Float[Array, "slots q_heads head_dim"],
-    k_pages: Float[Array, "pages page_size kv_heads head_dim"],
-    v_pages: Float[Array, "pages page_size kv_heads head_dim"],
+    k_pool: Float[Array, "layers pages page_size kv_heads head_dim"],
+    v_pool: Float[Array, "layers pages page_size kv_heads head_dim"],
+    layer: Int[Array, ""] | int,
     page_table: Int[Array, "slots pages_per_seq"],
     lengths: Int[Array, "slots"],
     *,
     sliding_window: int | None = None,
     backend: str = "auto",
 ) -> Float[Array, "slots q_heads head_dim"]:
-    """One query per slot against that slot's pages; `lengths` counts the query's own token."""
+    """One query per slot against that slot's pages of `layer`; `lengths` counts the query's own
+    token. Every table entry is read: pass page_table[:, :P] to bound the work by P pages."""
     hd, d = q.shape[-1], _kernel_head_dim(q.shape[-1])
+    spec = jax.ShapeDtypeStruct(k_pool.shape[1:-1] + (d,), k_pool.dtype)
 
     def check():
-        pa.check_paged_attention_kernel_inputs(_spec(q, d), _spec(k_pages, d), _spec(v_pages, d), page_table,
-                                               lengths, sliding_window=sliding_window)
+        pa.check_paged_attention_kernel_inputs(_spec(q, d), spec, spec, page_table, lengths,
+                                               sliding_window=sliding_window)
 
     if _use_kernel(backend, check):
-        out = pa.paged_attention(_pad(q, d), _pad(k_pages, d), _pad(v_pages, d), page_table, lengths,
+        out = pa.paged_attention(_pad(q, d), _pad(k_pool[layer], d), _pad(v_pool[layer], d), page_table, lengths,
                                  scale=hd**-0.5, interpret=backend == "interpret")
         return out[..., :hd]
-    return pa.paged_attention_reference(q, k_pages, v_pages, page_table, lengths, sliding_window=sliding_window)
+    if backend == "reference":
+        return pa.paged_attention_reference(q, k_pool[layer], v_pool[layer], page_table, lengths,
+                                            sliding_window=sliding_window)
+    return view_attention(q, _gather_view(k_pool, v_pool, layer, page_table, lengths), lengths,
+                          sliding_window=sliding_window)
+
+
+# ----------------------------------------------------------------------------- decode views
+DecodeView = tuple[Float[Array, "slots kv_heads span head_dim"], Float[Array, "slots kv_heads span head_dim"]]
+
+
+def _gather_view(k_pool, v_pool, layer, page_table, lengths) -> DecodeView:
+    """K and V of `layer` for every position of the table's pages, [slots, kv_heads, positions,
+    head_dim] float32 (whole head_dim rows copied: a K^T layout would make this a strided
+    element-wise transpose, several times slower than the dot it saves), zero at positions >=
+    lengths (so later steps never meet garbage, NaN included, and need no V mask)."""
+    s, p = page_table.shape
+    _, _, ps, kvh, d = k_pool.shape
+    valid = (jnp.arange(p * ps) < lengths[:, None]).reshape(s, p, ps, 1, 1)
+    # One gather each, the layer index folded in (no copy of the layer's pool).
+    k = jnp.where(valid, k_pool[layer, page_table].astype(jnp.float32), 0.0)  # [s, p, ps, kvh, d]
+    v = jnp.where(valid, v_pool[layer, page_table].astype(jnp.float32), 0.0)
+    k = k.transpose(0, 3, 1, 2, 4).reshape(s, kvh, p * ps, d)
+    return k, v.transpose(0, 3, 1, 2, 4).reshape(s, kvh, p * ps, d)
+
+
+def decode_view(
+    k_pool: Float[Array, "layers pages page_size kv_heads head_dim"],
+    v_pool: Float[Array, "layers pages page_size kv_heads head_dim"],
+    page_table: Int[Array, "slots pages_per_seq"],
+    lengths: Int[Array, "slots"],
+    span: int,
+) -> tuple[DecodeView, ...]:
+    """Per layer, the dense K^T / V view of each slot's first `span` positions (a multiple of
+    the page size; positions >= lengths are zero); see the module docstring."""
+    pages = page_table[:, : span // k_pool.shape[2]]
+    return tuple(_gather_view(k_pool, v_pool, i, pages, lengths) for i in range(k_pool.shape[0]))
+
+
+def view_write(view: DecodeView, k: Float[Array, "slots kv_heads head_dim"], v: Float[Array, "slots kv_heads head_dim"],
+               pos: Int[Array, "slots"]) -> DecodeView:
+    """Write each slot's new K/V at its own position (in place under jit); a position outside the
+    view (an idle slot) is dropped."""
+    kk, vv = view
+    rows = jnp.arange(kk.shape[0])
+    kk = kk.at[rows, :, pos, :].set(k.astype(kk.dtype), mode="drop")
+    vv = vv.at[rows, :, pos, :].set(v.astype(vv.dtype), mode="drop")
+    return kk, vv
+
+
+def view_attention(q: Float[Array, "slots q_heads head_dim"], view: DecodeView, lengths: Int[Array, "slots"], *,
+                   sliding_window: int | None = None) -> Float[Array, "slots q_heads head_dim"]:
+    """Decode attention over a dense view: positions < lengths (and inside the window) count.
+
+    The scores are computed transposed, K @ q^T ([span, head_dim] x [head_dim, group] per slot
+    and KV head): with a group of 1-8 query heads that is a tall GEMM XLA:CPU runs ~2x faster
+    than q @ K^T against the same [span, head_dim] layout."""
+    k, v = view
+    s, kvh, span, d = k.shape
+    hq = q.shape[1]
+    qg = q.reshape(s, kvh, hq // kvh, d).astype(jnp.float32)
+    scores = jnp.einsum("sktd,skgd->sktg", k, qg) * d**-0.5  # [slots, kv_heads, span, group]
+    pos = jnp.arange(span)[None, :]
+    visible = pos < lengths[:, None]
+    if sliding_window is not None:
+        visible &= (lengths[:, None] - 1) - pos < sliding_window
+    probs = masked_softmax(jnp.moveaxis(scores, 2, 3), visible[:, None, None, :])
+    out = jnp.einsum("skgt,sktd->skgd", probs, v)  # v is finite everywhere: zero past every length
+    return out.reshape(s, hq, d).astype(q.dtype)
 
 
 def chunk_attention_reference(
     q: Float[Array, "batch seq q_heads head_dim"],
-    k_pages: Float[Array, "pages page_size kv_heads head_dim"],
-    v_pages: Float[Array, "pages page_size kv_heads head_dim"],
+    k_pool: Float[Array, "layers pages page_size kv_heads head_dim"],
+    v_pool: Float[Array, "layers pages page_size kv_heads head_dim"],
+    layer: Int[Array, ""] | int,
     page_table: Int[Array, "batch pages_per_seq"],
     start: Int[Array, "batch"],
     *,
@@ -125,10 +218,10 @@ def chunk_attention_reference(
     continuations and chunked prefill on every backend (there is no paged-prefill kernel yet).
     """
     b, t, hq, d = q.shape
-    kvh = k_pages.shape[2]
+    kvh = k_pool.shape[3]
     g = hq // kvh
-    k = k_pages[page_table].reshape(b, -1, kvh, d)  # [b, S, kvh, d]
-    v = v_pages[page_table].reshape(b, -1, kvh, d)
+    k = k_pool[layer, page_table].reshape(b, -1, kvh, d)  # [b, S, kvh, d]; the layer folded into the gather
+    v = v_pool[layer, page_table].reshape(b, -1, kvh, d)
     qpos = start[:, None] + jnp.arange(t)[None, :]  # [b, t]
     kpos = jnp.arange(k.shape[1])
     allowed = kpos[None, None, :] <= qpos[:, :, None]  # [b, t, S]
@@ -148,8 +241,9 @@ def chunk_attention(
     q: Float[Array, "batch seq q_heads head_dim"],
     k: Float[Array, "batch seq kv_heads head_dim"],
     v: Float[Array, "batch seq kv_heads head_dim"],
-    k_pages: Float[Array, "pages page_size kv_heads head_dim"],
-    v_pages: Float[Array, "pages page_size kv_heads head_dim"],
+    k_pool: Float[Array, "layers pages page_size kv_heads head_dim"],
+    v_pool: Float[Array, "layers pages page_size kv_heads head_dim"],
+    layer: Int[Array, ""] | int,
     page_table: Int[Array, "batch pages_per_seq"],
     start: Int[Array, "batch"],
     n: Int[Array, "batch"],
@@ -165,6 +259,6 @@ def chunk_attention(
         return prefill_attention(q, k, v, lengths=n, sliding_window=sliding_window, backend=backend)
 
     def paged(_):
-        return chunk_attention_reference(q, k_pages, v_pages, page_table, start, sliding_window=sliding_window)
+        return chunk_attention_reference(q, k_pool, v_pool, layer, page_table, start, sliding_window=sliding_window)
 
     return jax.lax.cond(jnp.all(start == 0), fresh, paged, None)

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer import aot
+from jaxinfer.attention import uses_views
 from jaxinfer.errors import InvalidRequestError
 from jaxinfer.model import Model
 from jaxinfer.request import Request, RequestOutput, Sequence, StreamDelta, make_request
@@ -38,7 +40,7 @@ from jaxinfer.sampling import SamplingParams, sample_key
 from jaxinfer.scheduler import Scheduler
 from jaxinfer.state import FINISH_REASONS, EngineConfig, init_state
 from jaxinfer.steps import (
-    admit_jit, decode_steps_jit, evict_jit, fork_jit, make_chunk, make_requests, num_free_pages_jit, prefill_jit,
+    admit, decode_steps, evict, fork, make_chunk, make_requests, num_free_pages, permute_slots, prefill,
 )
 
 
@@ -89,7 +91,9 @@ class Engine:
     ):
         if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1):
             raise ValueError(f"prefill_chunk must be None or an integer >= 1, got {prefill_chunk!r}")
-        self.model = model
+        # On the XLA (CPU) attention path the layers run as a Python loop over per-layer weights:
+        # XLA:CPU copies a weight it reads out of a stacked array (see Model.unstacked).
+        self.model = model.unstacked() if uses_views(attention_backend) else model
         self.tokenizer = tokenizer
         self.add_bos = add_bos
         self.prefill_chunk = prefill_chunk
@@ -101,10 +105,16 @@ class Engine:
             prefill_buckets=tuple(prefill_buckets), max_prefill_batch=max_prefill_batch,
             max_stop_ids=max_stop_ids, decode_steps=decode_steps, attention_backend=attention_backend,
             max_logprobs=max_logprobs, prefix_caching=prefix_caching,
+            # Fixed decode shapes: a row's arithmetic must not depend on how many rows run.
+            decode_slot_buckets=(max_slots,) if batch_invariant else (),
+            decode_span_buckets=(-(-max_seq_len // page_size) * page_size,) if batch_invariant else (),
         )
         self.scheduler = Scheduler(self.cfg, mode)
         self.mode = mode
-        self.state = init_state(self.cfg, model.config, model.dtype)
+        # The XLA path keeps the pool in float32 whatever the compute dtype (bf16 values are exact
+        # in it, and attention reads float32 anyway): XLA:CPU has no bf16 scatter and would
+        # convert the whole pool to float32 and back for every token written.
+        self.state = init_state(self.cfg, model.config, jnp.float32 if uses_views(attention_backend) else model.dtype)
         self.eos_ids = tuple(
             tokenizer.eos_ids if tokenizer is not None and tokenizer.eos_ids else model.config.eos_token_ids
         )
@@ -114,18 +124,78 @@ class Engine:
         self._live: dict[int, Request] = {}  # unfinished requests by id
         self._aborted: list[Sequence] = []  # aborted samples whose final delta is still due
         self._profile = {} if profile else None  # step function -> [calls, seconds]
+        self._steps = aot.steps()
+        self._signature = aot.signature_key(self.model, self.state)
 
     # ------------------------------------------------------------------ device calls
-    def _call(self, name: str, fn, *args):
-        """Every jitted step goes through here, so `profile=True` can time each one."""
+    # The steps the engine runs: name -> (function, static argument positions, donated ones:
+    # the state, so the KV pool is updated in place).
+    _STEPS = {
+        "admit": (admit, (0,), (1,)), "prefill": (prefill, (0,), (2,)), "fork": (fork, (0,), (1,)),
+        "decode_steps": (decode_steps, (0, 3, 4, 5), (2,)), "evict": (evict, (0,), (1,)),
+        "num_free_pages": (num_free_pages, (), ()), "permute_slots": (permute_slots, (0,), (1,)),
+    }
+
+    def _call(self, name: str, *args, shape=None):
+        """Every jitted step goes through here: its compiled executable comes from the process's
+        StepCache (jaxinfer/aot.py; compiled once, kept on disk), keyed by the model and state
+        signature and `shape`, the bucket of the non-static arguments; `profile=True` times it."""
+        fn, static, donated = self._STEPS[name]
+        key = (self._signature, shape)
         if self._profile is None:
-            return fn(*args)
+            return self._steps.call(name, fn, args, static, donated, key)
         t = time.perf_counter()
-        out = jax.block_until_ready(fn(*args))
+        out = jax.block_until_ready(self._steps.call(name, fn, args, static, donated, key))
         entry = self._profile.setdefault(name, [0, 0.0])
         entry[0] += 1
         entry[1] += time.perf_counter() - t
         return out
+
+    def bucket_plan(self) -> dict[str, list]:
+        """Every program this engine can run, by step: the bucket of its non-static arguments
+        (admit: the requests block; prefill: (batch bucket, length bucket); decode_steps:
+        (slot bucket, span bucket)). Their number bounds the compilations of any workload."""
+        cfg = self.cfg
+        return {
+            "admit": [self._admit_shape()],
+            "prefill": [(b, t) for b in cfg.batch_buckets for t in cfg.prefill_buckets],
+            "decode_steps": [(b, t) for b in cfg.decode_slot_buckets for t in cfg.decode_span_buckets],
+            "fork": [None], "evict": [None], "num_free_pages": [None], "permute_slots": [None],
+        }
+
+    def precompile(self, background: bool = False, steps: Iterable[str] | None = None) -> dict[str, list]:
+        """Compile (or load from the disk cache) every program of `bucket_plan()` (or of the named
+        steps), two at a time on worker threads; with `background`, return at once and let the
+        engine pick each one up when it is ready. Returns the plan."""
+        plan = {k: v for k, v in self.bucket_plan().items() if steps is None or k in steps}
+        cfg, model, state = self.cfg, self.model, self.state  # only their shapes are taken
+        i32 = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
+        for name, shapes in plan.items():
+            fn, static, donated = self._STEPS[name]
+            for shape in shapes:
+                if name == "admit":
+                    args = (cfg, state, make_requests(cfg, [], [], [], *shape))
+                elif name == "prefill":
+                    args = (cfg, model, state, make_chunk(cfg, [], *shape))
+                elif name == "decode_steps":
+                    args, shape = (cfg, model, state, cfg.decode_steps, *shape), None
+                elif name == "fork":
+                    args = (cfg, state, i32(1), i32(1), np.zeros((1, 2), np.uint32))
+                elif name == "evict":
+                    args = (cfg, state, np.zeros((cfg.max_slots,), bool))
+                elif name == "permute_slots":
+                    args = (cfg, state, i32(cfg.max_slots))
+                else:
+                    args = (state,)
+                self._steps.submit(name, fn, args, static, donated, (self._signature, shape))
+        if not background:
+            self._steps.wait()
+        return plan
+
+    def _admit_shape(self) -> tuple[int, int]:
+        """One admit program: every admission batch is padded to the largest block (the prefix
+        lookup it runs is cheap next to a compile per (batch, length) bucket)."""
+        return self.cfg.max_prefill_batch, self.cfg.prefill_buckets[-1]
 
     def profile(self) -> dict[str, dict[str, int | float]]:
         """With `Engine(profile=True)`: {step function: {"calls", "seconds"}} since construction
@@ -140,32 +210,31 @@ class Engine:
         if slots:
             mask = np.zeros(self.cfg.max_slots, bool)
             mask[slots] = True
-            self.state = self._call("evict", evict_jit, self.cfg, self.state, jnp.asarray(mask))
+            self.state = self._call("evict", self.cfg, self.state, jnp.asarray(mask))
 
     def _vacate(self, seqs: list[Sequence]) -> None:
         self._evict(self.scheduler.release(seqs))
 
     def _free_pages(self) -> int:
-        return int(self._call("num_free_pages", num_free_pages_jit, self.state))
+        return int(self._call("num_free_pages", self.state))
 
     # ------------------------------------------------------------------ one step
     def step(self) -> list[StreamDelta]:
         """One scheduling iteration (see the module docstring); returns the new output."""
-        batch = self._schedule()
+        batch, lengths = self._schedule()
         if batch:
             self._run_admit(batch)
         prefills = self._run_prefill()
         forks = self._run_forks()
         dec = None
         if any(s is not None for s in self.scheduler.slots):
-            self.state, dec = self._call("decode_steps", decode_steps_jit, self.cfg, self.model, self.state,
-                                         self.cfg.decode_steps)
+            dec = self._run_decode(lengths)
         return self._hand_out(prefills, forks, dec)
 
-    def _schedule(self) -> list[Sequence]:
+    def _schedule(self) -> tuple[list[Sequence], np.ndarray]:
         """Preempt until the running slots' next chunk fits, then pick the admissions."""
         free, lengths = jax.device_get(
-            (self._call("num_free_pages", num_free_pages_jit, self.state), self.state.length))
+            (self._call("num_free_pages", self.state), self.state.length))
         free = int(free)
         while self.scheduler.need(lengths) > free:
             victim = self.scheduler.victim()
@@ -175,7 +244,7 @@ class Engine:
             self._counters["preemptions"] += 1
             self.scheduler.requeue(victim[0])
             free = self._free_pages()
-        return self.scheduler.admissions(free, lengths)
+        return self.scheduler.admissions(free, lengths), lengths
 
     def _run_admit(self, batch: list[Sequence]) -> None:
         cfg = self.cfg
@@ -184,11 +253,11 @@ class Engine:
             # Resumed with output: its prompt logprobs were delivered already.
             [s.req.params if not s.out.token_ids else dataclasses.replace(s.req.params, prompt_logprobs=None)
              for s in batch],
-            [s.req.rid for s in batch], cfg.batch_bucket(len(batch)), cfg.prefill_bucket(max(len(s.tokens) for s in batch)),
+            [s.req.rid for s in batch], *self._admit_shape(),
             num_generated=[len(s.out.token_ids) for s in batch], sample_index=[s.index for s in batch],
             slots=[s.slot for s in batch],
         )
-        self.state, res = self._call("admit", admit_jit, cfg, self.state, reqs)
+        self.state, res = self._call("admit", cfg, self.state, reqs, shape=reqs.tokens.shape)
         res = jax.device_get(res)
         for row, seq in enumerate(batch):
             if not res.accepted[row]:  # cannot happen with the accounting above; requeue
@@ -215,29 +284,42 @@ class Engine:
                  min(s.req.params.prompt_logprobs, cfg.max_logprobs)
                  if s.req.out.prompt_logprobs is not None and not s.out.token_ids else -1)
                 for s, k in zip(group, n)], cfg.batch_bucket(len(group)), cfg.prefill_bucket(max(n)))
-            self.state, res = self._call("prefill", prefill_jit, cfg, self.model, self.state, chunk)
+            self.state, res = self._call("prefill", cfg, self.model, self.state, chunk, shape=chunk.tokens.shape)
             out.append((res, [(s, s.prefill_pos, k) for s, k in zip(group, n)]))
             for s, k in zip(group, n):
                 self.scheduler.prefilled(s, k)
                 self._counters["prefill_tokens"] += k
         return out
 
+    def _run_decode(self, lengths: np.ndarray):
+        """One burst of decode_steps on the smallest (slots, span) buckets that hold the work,
+        after packing the occupied slots at the bottom when that shrinks the slot bucket."""
+        perm = self.scheduler.compaction()
+        if perm is not None:
+            self.state = self._call("permute_slots", self.cfg, self.state, jnp.asarray(perm, jnp.int32))
+            lengths = lengths[perm]
+        slots, span = self.scheduler.decode_shape(lengths, self.cfg.decode_steps)
+        self.state, dec = self._call("decode_steps", self.cfg, self.model, self.state, self.cfg.decode_steps,
+                                     slots, span)
+        return dec
+
     def _run_forks(self) -> list[tuple]:
         """Fork the samples of requests whose prefill completed; returns (seq, ok) per fork."""
         out = []
         for src, seq, slot in self.scheduler.ready_forks():
             self.state, ok = self._call(
-                "fork", fork_jit, self.cfg, self.state, jnp.asarray([src.slot], jnp.int32),
+                "fork", self.cfg, self.state, jnp.asarray([src.slot], jnp.int32),
                 jnp.asarray([slot], jnp.int32), jnp.asarray(sample_key(src.req.params.seed, seq.index)[None]))
             self.scheduler.forked(src, seq, slot)
             out.append((seq, ok))
         return out
 
     def _hand_out(self, prefills, forks, dec) -> list[StreamDelta]:
-        pre_res, fork_ok, dec, finished, reason = jax.device_get(
-            ([r for r, _ in prefills], [ok for _, ok in forks], dec, self.state.active & self.state.finished,
+        pre_res, fork_ok, dec, active, finished, reason = jax.device_get(
+            ([r for r, _ in prefills], [ok for _, ok in forks], dec, self.state.active, self.state.finished,
              self.state.finish_reason)
         )
+        finished = active & finished  # on the host: an eager device op would compile
         now = time.perf_counter()
         touched: dict[int, Sequence] = {id(s): s for s in self._aborted}
         self._aborted = []

@@ -39,14 +39,60 @@ Params = dict[str, Any]
 
 @flax.struct.dataclass
 class Model:
-    """A config (static: part of the jit cache key) and its parameters (a PyTree of arrays)."""
+    """A config (static: part of the jit cache key) and its parameters (a PyTree of arrays).
+
+    `params["layers"]` is either one dict of arrays stacked on a leading layer axis (the stored
+    form: `decoder` runs one `lax.scan`, so compile time does not grow with depth) or a tuple of
+    per-layer dicts (`unstacked()`: `decoder` runs a Python loop; on XLA:CPU this is what lets
+    every matmul read its weight in place: a scan, or a static slice of a stacked weight,
+    copies it first, which costs as much as the matmul at decode sizes).
+
+    `compute_dtype` (static): the dtype of activations and of the KV cache; None = the weights'.
+    Matmuls take their inputs in the weight's dtype and accumulate in float32, so bfloat16
+    weights with float32 compute run XLA:CPU's fastest dot (bf16 in, f32 out) while norms,
+    residuals and attention stay in float32.
+    """
 
     config: ModelConfig = flax.struct.field(pytree_node=False)
     params: Params
+    compute_dtype: str | None = flax.struct.field(pytree_node=False, default=None)
+
+    @property
+    def weight_dtype(self):
+        return self.params["embed"].dtype
 
     @property
     def dtype(self):
-        return self.params["embed"].dtype
+        """The compute dtype: activations and KV cache."""
+        return jnp.dtype(self.compute_dtype) if self.compute_dtype is not None else self.weight_dtype
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    def unstacked(self) -> "Model":
+        """The same model with params["layers"] as a tuple of per-layer dicts (each its own
+        buffers); see the class docstring. Idempotent."""
+        layers = self.params["layers"]
+        if isinstance(layers, tuple):
+            return self
+        return self.replace(params={**self.params, "layers": _split_layers(layers, self.config.num_layers)})
+
+    def stacked(self) -> "Model":
+        """The inverse of `unstacked` (the stored form). Idempotent."""
+        layers = self.params["layers"]
+        if not isinstance(layers, tuple):
+            return self
+        return self.replace(params={**self.params, "layers": jax.tree.map(lambda *a: jnp.stack(a), *layers)})
+
+
+def _split_layers(layers: Params, n: int) -> tuple[Params, ...]:
+    # Through the host (NumPy views; on CPU np.asarray of a device array is free): slicing on
+    # the device would compile a program per weight shape.
+    leaves, treedef = jax.tree.flatten(layers)
+    host = [np.asarray(a) for a in leaves]
+    return tuple(jax.tree.unflatten(treedef, jax.device_put([np.ascontiguousarray(h[i]) for h in host]))
+                 for i in range(n))
 
 
 def rms_norm(x: Float[Array, "*b hidden"], w: Float[Array, "hidden"], eps: float) -> Float[Array, "*b hidden"]:
@@ -74,11 +120,12 @@ def apply_rope(x: Float[Array, "*b heads head_dim"], cos: Array, sin: Array) -> 
 
 def linear(x: Array, w: Any, b: Array | None = None) -> Array:
     # A quantized weight (any PyTree with a `matmul(x) -> float32` method, see jaxinfer.quant)
-    # multiplies itself; a dense one accumulates in float32 whatever its storage dtype.
+    # multiplies itself; a dense one takes x in its own dtype (never converting the weight) and
+    # accumulates in float32.
     if hasattr(w, "matmul"):
         y = w.matmul(x)
     else:
-        y = jnp.einsum("...i,io->...o", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+        y = jnp.einsum("...i,io->...o", x.astype(w.dtype), w, preferred_element_type=jnp.float32)
     if b is not None:
         y = y + b.astype(jnp.float32)
     return y.astype(x.dtype)
@@ -96,7 +143,7 @@ def layer(
     rope: tuple[Array, Array],
     attend: AttendFn,
     cache: Any,
-    i: Int[Array, ""],
+    i: Int[Array, ""] | int,
 ) -> tuple[Float[Array, "batch seq hidden"], Any, dict[str, Array]]:
     """One decoder layer (the only layer body: `decoder` scans it, GPTQ calibration calls it).
     `lp` is one layer's slice of params["layers"]. Returns the new residual stream, the cache
@@ -125,24 +172,29 @@ def decoder(
     attend: AttendFn,
     cache: Any,
 ) -> tuple[Float[Array, "batch seq hidden"], Any]:
-    """Embeds tokens, runs every layer (lax.scan over the stacked weights) and the final norm."""
+    """Embeds tokens, runs every layer (a lax.scan over stacked weights, a Python loop over
+    unstacked ones) and the final norm. `attend` gets the layer index: a traced int32 in the
+    scan, a Python int in the loop."""
     cfg, p = model.config, model.params
-    x = p["embed"][tokens]
+    x = p["embed"][tokens].astype(model.dtype)
     rope = rope_tables(cfg, positions)
+    if isinstance(p["layers"], tuple):  # unstacked: the layer index is a Python int
+        for i, lp in enumerate(p["layers"]):
+            x, cache, _ = layer(cfg, lp, x, rope, attend, cache, i)
+    else:
+        def body(carry, lp):
+            x, cache, i = carry
+            x, cache, _ = layer(cfg, lp, x, rope, attend, cache, i)
+            return (x, cache, i + 1), None
 
-    def body(carry, lp):
-        x, cache, i = carry
-        x, cache, _ = layer(cfg, lp, x, rope, attend, cache, i)
-        return (x, cache, i + 1), None
-
-    (x, cache, _), _ = jax.lax.scan(body, (x, cache, jnp.int32(0)), p["layers"])
+        (x, cache, _), _ = jax.lax.scan(body, (x, cache, jnp.int32(0)), p["layers"])
     return rms_norm(x, p["final_norm"], cfg.rms_norm_eps), cache
 
 
 def lm_head(model: Model, h: Float[Array, "*b hidden"]) -> Float[Array, "*b vocab"]:
     p = model.params
     w = p["embed"].T if model.config.tie_word_embeddings else p["lm_head"]
-    return jnp.einsum("...i,io->...o", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+    return jnp.einsum("...i,io->...o", h.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
 def causal_attend(config: ModelConfig) -> AttendFn:

@@ -162,6 +162,27 @@ class Scheduler:
         seq.slot, seq.order, seq.forked = slot, next(self._order), True
         seq.tokens, seq.prefill_pos = src.tokens, src.prefill_len
 
+    def compaction(self) -> list[int] | None:
+        """A permutation (new slot i = old slot perm[i]) that packs the occupied slots at the
+        bottom, keeping their order, when that lets decode run a smaller slot bucket; else None."""
+        occupied = [i for i, s in enumerate(self.slots) if s is not None]
+        if not occupied or self.cfg.decode_slots(occupied[-1] + 1) == self.cfg.decode_slots(len(occupied)):
+            return None
+        perm = occupied + [i for i, s in enumerate(self.slots) if s is None]
+        self.slots = [self.slots[i] for i in perm]
+        for i, seq in enumerate(self.slots):
+            if seq is not None and seq.slot is not None:
+                seq.slot = i
+        return perm
+
+    def decode_shape(self, lengths, steps: int) -> tuple[int, int]:
+        """(slots, span) buckets for the next decode burst: every occupied slot, and every
+        decoding slot's positions after `steps` more tokens. `lengths`: the device lengths
+        read at the start of the step (a slot prefilled since is at its host mirror)."""
+        occupied = [i for i, s in enumerate(self.slots) if s is not None]
+        longest = max((max(int(lengths[i]), self.slots[i].prefill_pos) for i in occupied), default=0)
+        return self.cfg.decode_slots(occupied[-1] + 1 if occupied else 1), self.cfg.decode_span(longest + steps)
+
     def finished(self, s: int) -> Sequence:
         """Slot `s` finished on device (or by a stop string): empty it."""
         seq = self.slots[s]

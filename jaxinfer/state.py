@@ -23,7 +23,9 @@ import dataclasses
 import math
 
 import flax.struct
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int, UInt32
 
 from jaxinfer import allocator
@@ -33,6 +35,14 @@ from jaxinfer.config import ModelConfig
 # finish_reason codes stored in the state (names are the public strings).
 FINISH_NONE, FINISH_STOP, FINISH_LENGTH, FINISH_ABORT = 0, 1, 2, 3
 FINISH_REASONS = {FINISH_NONE: None, FINISH_STOP: "stop", FINISH_LENGTH: "length", FINISH_ABORT: "abort"}
+
+
+# EngineState fields with a leading [slots] axis: the slot table (fork copies a slot's row,
+# decode_steps works on the first rows).
+SLOT_FIELDS = ("page_table", "active", "finished", "finish_reason", "request_id", "length", "prefill_len",
+               "last_token", "num_generated", "max_tokens", "temperature", "top_k", "top_p", "min_p", "rng",
+               "stop_ids", "min_tokens", "repetition_penalty", "presence_penalty", "frequency_penalty",
+               "logprobs", "seen", "counts")
 
 
 def default_buckets(max_seq_len: int, smallest: int = 16) -> tuple[int, ...]:
@@ -51,7 +61,11 @@ class EngineConfig:
 
     Prefill compiles once per (batch bucket, length bucket) pair: a prompt is padded to the
     smallest `prefill_buckets` entry that holds it and the insert batch to the next power of
-    two up to `max_prefill_batch`.
+    two up to `max_prefill_batch`. Decode compiles once per (slot bucket, span bucket) pair used:
+    a burst decodes the smallest `decode_slot_buckets` entry of slots that holds every occupied
+    slot, attending over the smallest `decode_span_buckets` entry of positions that holds every
+    running slot's length after the burst (defaults: max_slots / 4, / 2, / 1; and spans doubling
+    from 128 tokens up to the page table's). One bucket each = fixed shapes.
     """
 
     max_slots: int = 4
@@ -70,6 +84,8 @@ class EngineConfig:
     # request reuses the cached pages of its prompt (jaxinfer.allocator). Off: no lookup and no
     # registration (each request prefills its whole prompt).
     prefix_caching: bool = True
+    decode_slot_buckets: tuple[int, ...] = ()
+    decode_span_buckets: tuple[int, ...] = ()
 
     def __post_init__(self):
         for name in ("max_slots", "page_size", "num_pages", "max_seq_len", "max_stop_ids", "decode_steps"):
@@ -89,6 +105,22 @@ class EngineConfig:
                 f"prefill_buckets {b} must be strictly increasing and reach max_seq_len - 1 "
                 f"({self.max_seq_len - 1}) so every admissible prompt has a bucket"
             )
+        full = self.pages_per_seq * self.page_size
+        if not self.decode_slot_buckets:
+            object.__setattr__(self, "decode_slot_buckets",
+                               tuple(sorted({max(1, self.max_slots // 4), max(1, self.max_slots // 2), self.max_slots})))
+        if not self.decode_span_buckets:
+            spans, t = [], min(full, self.pages_for(128) * self.page_size)
+            while t < full:
+                spans.append(t)
+                t *= 2
+            object.__setattr__(self, "decode_span_buckets", tuple(spans) + (full,))
+        sb, tb = self.decode_slot_buckets, self.decode_span_buckets
+        if list(sb) != sorted(set(sb)) or sb[-1] != self.max_slots or sb[0] < 1:
+            raise ValueError(f"decode_slot_buckets {sb} must be strictly increasing, >= 1, and end at max_slots ({self.max_slots})")
+        if list(tb) != sorted(set(tb)) or tb[-1] != full or any(t % self.page_size or t <= 0 for t in tb):
+            raise ValueError(f"decode_span_buckets {tb} must be strictly increasing multiples of page_size "
+                             f"({self.page_size}) ending at {full} (the page table's positions)")
 
     @property
     def pages_per_seq(self) -> int:
@@ -107,6 +139,14 @@ class EngineConfig:
 
     def batch_bucket(self, n: int) -> int:
         return next(b for b in self.batch_buckets if b >= n)
+
+    def decode_slots(self, n: int) -> int:
+        """The decode slot bucket holding slots [0, n)."""
+        return next(b for b in self.decode_slot_buckets if b >= n)
+
+    def decode_span(self, length: int) -> int:
+        """The decode span bucket holding positions [0, length) (capped at the largest)."""
+        return next((t for t in self.decode_span_buckets if t >= length), self.decode_span_buckets[-1])
 
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
@@ -187,38 +227,42 @@ class EngineState:
 
 
 def init_state(cfg: EngineConfig, model_cfg: ModelConfig, dtype=jnp.float32) -> EngineState:
-    """An empty state: every slot free, every page but the null page free."""
+    """An empty state: every slot free, every page but the null page free.
+
+    Built in NumPy and moved to the device in one `device_put` (every field its own buffer: the
+    jitted steps donate the state, and XLA refuses to donate one buffer twice); building it with
+    jnp ops would compile a small program per distinct shape, most of a second in all."""
     s = cfg.max_slots
     pool_shape = (model_cfg.num_layers, cfg.num_pages, cfg.page_size, model_cfg.num_kv_heads,
                   model_cfg.head_dim)
-    # Distinct buffers per field: the jitted steps donate the state, and XLA refuses to donate
-    # one buffer twice.
-    zeros_i = lambda: jnp.zeros((s,), jnp.int32)  # noqa: E731
-    return EngineState(
-        k_pages=jnp.zeros(pool_shape, dtype),
-        v_pages=jnp.zeros(pool_shape, dtype),
-        alloc=allocator.init(cfg.num_pages, cfg.page_size),
-        page_table=jnp.full((s, cfg.pages_per_seq), NULL_PAGE, jnp.int32),
-        active=jnp.zeros((s,), bool),
-        finished=jnp.zeros((s,), bool),
-        finish_reason=zeros_i(),
-        request_id=jnp.full((s,), -1, jnp.int32),
-        length=zeros_i(),
-        prefill_len=zeros_i(),
-        last_token=zeros_i(),
-        num_generated=zeros_i(),
-        max_tokens=zeros_i(),
-        temperature=jnp.zeros((s,), jnp.float32),
-        top_k=zeros_i(),
-        top_p=jnp.ones((s,), jnp.float32),
-        min_p=jnp.zeros((s,), jnp.float32),
-        rng=jnp.zeros((s, 2), jnp.uint32),
-        stop_ids=jnp.full((s, cfg.max_stop_ids), -1, jnp.int32),
-        min_tokens=zeros_i(),
-        repetition_penalty=jnp.ones((s,), jnp.float32),
-        presence_penalty=jnp.zeros((s,), jnp.float32),
-        frequency_penalty=jnp.zeros((s,), jnp.float32),
-        logprobs=jnp.full((s,), -1, jnp.int32),
-        seen=jnp.zeros((s, model_cfg.vocab_size), bool),
-        counts=jnp.zeros((s, model_cfg.vocab_size), jnp.int32),
+    i32 = lambda v, shape=(s,): np.full(shape, v, np.int32)  # noqa: E731
+    f32 = lambda v: np.full((s,), v, np.float32)  # noqa: E731
+    fields = dict(
+        k_pages=np.zeros(pool_shape, jnp.dtype(dtype)),
+        v_pages=np.zeros(pool_shape, jnp.dtype(dtype)),
+        page_table=i32(NULL_PAGE, (s, cfg.pages_per_seq)),
+        active=np.zeros((s,), bool),
+        finished=np.zeros((s,), bool),
+        finish_reason=i32(0),
+        request_id=i32(-1),
+        length=i32(0),
+        prefill_len=i32(0),
+        last_token=i32(0),
+        num_generated=i32(0),
+        max_tokens=i32(0),
+        temperature=f32(0),
+        top_k=i32(0),
+        top_p=f32(1),
+        min_p=f32(0),
+        rng=np.zeros((s, 2), np.uint32),
+        stop_ids=i32(-1, (s, cfg.max_stop_ids)),
+        min_tokens=i32(0),
+        repetition_penalty=f32(1),
+        presence_penalty=f32(0),
+        frequency_penalty=f32(0),
+        logprobs=i32(-1),
+        seen=np.zeros((s, model_cfg.vocab_size), bool),
+        counts=i32(0, (s, model_cfg.vocab_size)),
     )
+    fields, alloc = jax.device_put((fields, allocator.init_arrays(cfg.num_pages, cfg.page_size)))
+    return EngineState(alloc=PageAllocator(**alloc), **fields)

@@ -27,13 +27,14 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int, UInt32
 
 from jaxinfer import allocator
-from jaxinfer.attention import chunk_attention, decode_attention
+from jaxinfer.attention import chunk_attention
+from jaxinfer.decode import (  # noqa: F401  re-exported: the steps are one API
+    DecodeResult, decode, decode_forward, decode_forward_jit, decode_jit, decode_steps, decode_steps_jit,
+)
 from jaxinfer.dims import AnyArray
 from jaxinfer.model import Model, decoder, lm_head
-from jaxinfer.sampling import process_logits, sample, sample_key, token_logprobs
-from jaxinfer.state import (
-    FINISH_ABORT, FINISH_LENGTH, FINISH_NONE, FINISH_STOP, NULL_PAGE, EngineConfig, EngineState,
-)
+from jaxinfer.sampling import sample_key, token_logprobs
+from jaxinfer.state import FINISH_NONE, NULL_PAGE, SLOT_FIELDS, EngineConfig, EngineState
 
 
 @flax.struct.dataclass
@@ -94,17 +95,6 @@ def make_requests(cfg: EngineConfig, prompts, params, request_ids, batch: int, s
         if slots is not None:
             r["slot"][row] = slots[row]
     return Requests(**r)
-
-
-def _finish(state: EngineState, running, token, cfg: EngineConfig):
-    """Stop/length detection after `token` was sampled for running slots (length and
-    num_generated already updated). Returns (finished, finish_reason)."""
-    is_stop = jnp.any(token[:, None] == state.stop_ids, axis=-1)
-    # The sampled token still needs a cache position to be fed back: stop when none is left.
-    out_of_room = (state.num_generated >= state.max_tokens) | (state.length + 1 >= cfg.max_seq_len)
-    reason = jnp.where(is_stop, FINISH_STOP, jnp.where(out_of_room, FINISH_LENGTH, FINISH_NONE))
-    newly = running & (reason != FINISH_NONE)
-    return state.finished | newly, jnp.where(newly, reason, state.finish_reason)
 
 
 def _first_occurrence(x: Int[Array, "n"]) -> Bool[Array, "n"]:
@@ -262,7 +252,7 @@ def prefill(cfg: EngineConfig, model: Model, state: EngineState, chunk: Chunk) -
         kp, vp = kv
         kp = kp.at[i, write_page, write_off].set(k.astype(kp.dtype))
         vp = vp.at[i, write_page, write_off].set(v.astype(vp.dtype))
-        o = chunk_attention(q, k, v, kp[i], vp[i], table, start, n, sliding_window=window,
+        o = chunk_attention(q, k, v, kp, vp, i, table, start, n, sliding_window=window,
                             backend=cfg.attention_backend)
         return o, (kp, vp)
 
@@ -286,112 +276,6 @@ def prefill(cfg: EngineConfig, model: Model, state: EngineState, chunk: Chunk) -
 
     p_lp, p_ids, p_top = jax.lax.cond(jnp.any(valid & (chunk.prompt_logprobs >= 0)), prompt_scores, no_scores, None)
     return st, PrefillResult(n=n, prompt_logprob=p_lp, prompt_top_ids=p_ids, prompt_top_logprobs=p_top)
-
-
-# ----------------------------------------------------------------------------- decode
-@flax.struct.dataclass
-class DecodeResult:
-    # [slots] from decode; [steps, slots] from decode_steps (lax.scan stacks them).
-    token: Int[AnyArray, "*steps slots"]
-    emitted: Bool[AnyArray, "*steps slots"]  # True where `token` is a new token of a running request
-    # Raw-model logprobs of `token` and the top max_logprobs (zeros unless a running slot asked).
-    logprob: Float[AnyArray, "*steps slots"]
-    top_ids: Int[AnyArray, "*steps slots max_logprobs"]
-    top_logprobs: Float[AnyArray, "*steps slots max_logprobs"]
-
-
-def decode_forward(cfg: EngineConfig, model: Model, state: EngineState,
-                   mask: Bool[Array, "slots"] | None = None) -> tuple[EngineState, Float[Array, "slots vocab"], Bool[Array, "slots"]]:
-    """Feed every running slot's pending `last_token` (only the slots in `mask`, if given):
-    allocate its page if the position opens one, write its K/V, attend over the slot's pages,
-    and return the next-token logits. No sampling.
-
-    Design: the token goes to position `length`; a page is allocated (vectorised over slots)
-    when that page-table entry is still the null page. A slot that cannot get a page finishes
-    with reason "abort" instead of corrupting anything (the Engine preempts before that can
-    happen). K/V are written before attention so the query sees itself; other slots write to
-    the null page and attend to nothing. A page completed by this write is registered in the
-    prefix cache. Returns the new state (length advanced), logits [slots, vocab] float32 and
-    the mask of slots that ran. Useful on its own for scoring / teacher forcing.
-    """
-    s, ps = cfg.max_slots, cfg.page_size
-    running = state.running if mask is None else state.running & mask
-    pos = state.length
-    rows = jnp.arange(s)
-    page_idx = jnp.minimum(pos // ps, cfg.pages_per_seq - 1)
-    need = running & (state.page_table[rows, page_idx] == NULL_PAGE)
-
-    def alloc(a):
-        return allocator.allocate(a, need.astype(jnp.int32), 1)
-
-    def no_alloc(a):
-        return a, jnp.zeros((s, 1), jnp.int32), jnp.ones((s,), bool)
-
-    a, new_pages, granted = jax.lax.cond(jnp.any(need), alloc, no_alloc, state.alloc)
-    starved = need & ~granted
-    running = running & ~starved
-    page_table = state.page_table.at[rows, page_idx].set(
-        jnp.where(need & granted, new_pages[:, 0], state.page_table[rows, page_idx])
-    )
-    write_page = jnp.where(running, page_table[rows, page_idx], NULL_PAGE)
-    write_off = pos % ps
-    attn_len = jnp.where(running, pos + 1, 0)
-    window = model.config.sliding_window
-
-    def attend(i, q, k, v, kv):
-        kp, vp = kv
-        kp = kp.at[i, write_page[:, None], write_off[:, None]].set(k.astype(kp.dtype))
-        vp = vp.at[i, write_page[:, None], write_off[:, None]].set(v.astype(vp.dtype))
-        o = decode_attention(q[:, 0], kp[i], vp[i], page_table, attn_len, sliding_window=window,
-                             backend=cfg.attention_backend)
-        return o[:, None], (kp, vp)
-
-    h, (k_pages, v_pages) = decoder(model, state.last_token[:, None], pos[:, None], attend,
-                                    (state.k_pages, state.v_pages))
-    a = allocator.write_tokens(a, write_page, write_off, state.last_token)
-    if cfg.prefix_caching:
-        parent = jnp.where(page_idx > 0, page_table[rows, jnp.maximum(page_idx - 1, 0)], NULL_PAGE)
-        a = allocator.register(a, write_page, parent, running & (write_off == ps - 1))
-    st = state.replace(
-        k_pages=k_pages, v_pages=v_pages, alloc=a, page_table=page_table,
-        length=jnp.where(running, pos + 1, pos),
-        finished=state.finished | starved,
-        finish_reason=jnp.where(starved, FINISH_ABORT, state.finish_reason),
-    )
-    return st, lm_head(model, h[:, 0]), running
-
-
-def decode(cfg: EngineConfig, model: Model, state: EngineState,
-           mask: Bool[Array, "slots"] | None = None) -> tuple[EngineState, DecodeResult]:
-    """One token for every running slot (in `mask`): `decode_forward`, logits processing
-    (min_tokens, penalties), sample, logprobs, penalty-history update, stop/length detection."""
-    st, logits, running = decode_forward(cfg, model, state, mask)
-    processed = process_logits(logits, st.num_generated, st.min_tokens, st.stop_ids, st.seen, st.counts,
-                               st.repetition_penalty, st.presence_penalty, st.frequency_penalty)
-    token = sample(processed, st.temperature, st.top_k, st.top_p, st.min_p, st.rng, st.num_generated)
-    logprob, top_ids, top_logprobs = token_logprobs(logits, token, cfg.max_logprobs,
-                                                    jnp.any(running & (st.logprobs >= 0)))
-    # One scatter per slot; idle slots point out of bounds (column vocab) and are dropped.
-    rows, col = jnp.arange(cfg.max_slots), jnp.where(running, token, logits.shape[-1])
-    st = st.replace(
-        last_token=jnp.where(running, token, st.last_token),
-        num_generated=st.num_generated + running,
-        seen=st.seen.at[rows, col].set(True, mode="drop"),
-        counts=st.counts.at[rows, col].add(1, mode="drop"),
-    )
-    finished, reason = _finish(st, running, token, cfg)
-    st = st.replace(finished=finished, finish_reason=reason)
-    return st, DecodeResult(token=token, emitted=running, logprob=logprob, top_ids=top_ids,
-                            top_logprobs=top_logprobs)
-
-
-def decode_steps(cfg: EngineConfig, model: Model, state: EngineState, num_steps: int):
-    """`num_steps` decode steps on device (one host sync for all): tokens/emitted [steps, slots]."""
-    def body(st, _):
-        st, out = decode(cfg, model, st)
-        return st, out
-
-    return jax.lax.scan(body, state, None, length=num_steps)
 
 
 # ----------------------------------------------------------------------------- insert
@@ -442,13 +326,6 @@ def insert(cfg: EngineConfig, model: Model, state: EngineState, req: Requests) -
 
 
 # ----------------------------------------------------------------------------- fork
-# Per-slot fields copied from the source slot by `fork` (everything but the page table and RNG).
-_SLOT_FIELDS = ("active", "finished", "finish_reason", "request_id", "length", "prefill_len", "last_token",
-                "num_generated", "max_tokens", "temperature", "top_k", "top_p", "min_p", "stop_ids",
-                "min_tokens", "repetition_penalty", "presence_penalty", "frequency_penalty", "logprobs",
-                "seen", "counts")
-
-
 def fork(cfg: EngineConfig, state: EngineState, src: Int[Array, "batch"], dst: Int[Array, "batch"],
          rng: UInt32[Array, "batch 2"]) -> tuple[EngineState, Bool[Array, "batch"]]:
     """Parallel sampling: copy slot src[i] (prefill done, nothing decoded yet) into the free
@@ -483,7 +360,8 @@ def fork(cfg: EngineConfig, state: EngineState, src: Int[Array, "batch"], dst: I
         v_pages=state.v_pages.at[:, tgt_page].set(state.v_pages[:, src_page]),
         page_table=state.page_table.at[tgt].set(table, mode="drop"),
         rng=state.rng.at[tgt].set(rng.astype(state.rng.dtype), mode="drop"),
-        **{f: getattr(state, f).at[tgt].set(getattr(state, f)[sc], mode="drop") for f in _SLOT_FIELDS},
+        **{f: getattr(state, f).at[tgt].set(getattr(state, f)[sc], mode="drop")
+           for f in SLOT_FIELDS if f not in ("page_table", "rng")},
     )
     return st, ok
 
@@ -517,6 +395,14 @@ def evict(cfg: EngineConfig, state: EngineState, mask: Bool[Array, "slots"] | No
     )
 
 
+def permute_slots(cfg: EngineConfig, state: EngineState, perm: Int[Array, "slots"]) -> EngineState:
+    """Move slots: new slot i is old slot perm[i] (a permutation). Pages do not move and no
+    reference count changes: a request's page-table row travels with the rest of its row. The
+    engine uses it to keep its running requests in the lowest slots (so `decode_steps(slots=B)`
+    can skip the rest)."""
+    return state.replace(**{f: getattr(state, f)[perm] for f in SLOT_FIELDS})
+
+
 def num_free_pages(state: EngineState) -> Int[Array, ""]:
     return allocator.num_free(state.alloc)
 
@@ -525,9 +411,7 @@ def num_free_pages(state: EngineState) -> Int[Array, ""]:
 admit_jit = jax.jit(admit, static_argnums=0, donate_argnums=1)
 prefill_jit = jax.jit(prefill, static_argnums=0, donate_argnums=2)
 insert_jit = jax.jit(insert, static_argnums=0, donate_argnums=2)
-decode_forward_jit = jax.jit(decode_forward, static_argnums=0, donate_argnums=2)
-decode_jit = jax.jit(decode, static_argnums=0, donate_argnums=2)
-decode_steps_jit = jax.jit(decode_steps, static_argnums=(0, 3), donate_argnums=2)
 fork_jit = jax.jit(fork, static_argnums=0, donate_argnums=1)
 evict_jit = jax.jit(evict, static_argnums=0, donate_argnums=1)
+permute_slots_jit = jax.jit(permute_slots, static_argnums=0, donate_argnums=1)
 num_free_pages_jit = jax.jit(num_free_pages)

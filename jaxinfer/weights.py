@@ -46,8 +46,13 @@ def _as_dtype(dtype: DTypeLike) -> np.dtype:
     return d
 
 
-def load_model(path: str | Path, dtype: DTypeLike = "float32", progress: bool | None = None) -> Model:
+def load_model(path: str | Path, dtype: DTypeLike = "float32", progress: bool | None = None, *,
+               compute_dtype: DTypeLike | None = None) -> Model:
     """Load an HF-format Llama / Mistral / Qwen2 checkpoint directory as a `Model` in `dtype`.
+
+    `compute_dtype`: activations and KV cache (None: `dtype`). On CPU, `dtype="bfloat16",
+    compute_dtype="float32"` is the fast mode: half the weight bytes and XLA:CPU's fastest dot
+    (bf16 inputs, f32 accumulation), with norms, residuals and attention in float32.
 
     Every tensor's name and shape is checked against config.json before any data is read.
     Tensors are read lazily and written straight into one host buffer per stacked parameter,
@@ -58,21 +63,22 @@ def load_model(path: str | Path, dtype: DTypeLike = "float32", progress: bool | 
     re-quantizing, its arrays in their stored dtypes.
     """
     path = Path(path)
+    compute = None if compute_dtype is None else _as_dtype(compute_dtype).name
     if is_quantized_orbax(path):
-        return load_quantized_orbax(path)
+        return load_quantized_orbax(path).replace(compute_dtype=compute)
     files = weight_files(path)
     config = load_config(path)
     dtype = _as_dtype(dtype)
     with open_checkpoint(path, files) as found:
         show = progress if progress is not None else sum(f.stat().st_size for f in files) > _PROGRESS_BYTES
         if config.quant is not None:  # quantized linear layers: checked and read by jaxinfer.quant
-            return load_quantized(path, found, config, dtype, show)
+            return load_quantized(path, found, config, dtype, show).replace(compute_dtype=compute)
         check_tensors(found, dense_expected(config), config, path)
         specs = hf_tensor_specs(config)
         params: dict[str, Any] = {"layers": {}}
         with tqdm(total=len(specs), desc=f"loading {path.name}", unit="tensor", disable=not show) as bar:
             load_dense(found, specs, config.num_layers, dtype, params, bar)
-    return Model(config=config, params=params)
+    return Model(config=config, params=params, compute_dtype=compute)
 
 
 def _hash32(x: jax.Array) -> jax.Array:
@@ -108,10 +114,14 @@ def _random_params(config: ModelConfig, dtype: np.dtype, key: jax.Array) -> dict
     return jax.tree.unflatten(treedef, out)
 
 
-def dummy_model(config: ModelConfig, dtype: DTypeLike = "float32", seed: int = 0) -> Model:
+def dummy_model(config: ModelConfig, dtype: DTypeLike = "float32", seed: int = 0, *,
+                compute_dtype: DTypeLike | None = None) -> Model:
     """Random weights of the right shapes, generated on device under jit: matrices normal with
-    std 0.02, biases std 0.002, norms one. Deterministic per seed."""
-    return Model(config=config, params=_random_params(config, _as_dtype(dtype), jax.random.key(seed)))
+    std 0.02, biases std 0.002, norms one. Deterministic per seed. `compute_dtype` as for
+    `load_model`."""
+    compute = None if compute_dtype is None else _as_dtype(compute_dtype).name
+    return Model(config=config, params=_random_params(config, _as_dtype(dtype), jax.random.key(seed)),
+                 compute_dtype=compute)
 
 
 def save_model(model: Model, path: str | Path, max_shard_bytes: int | None = None) -> None:
@@ -119,6 +129,7 @@ def save_model(model: Model, path: str | Path, max_shard_bytes: int | None = Non
     layout, sharded (with model.safetensors.index.json) when `max_shard_bytes` is given.
     Weight files of an earlier checkpoint in `path` are removed so they cannot shadow these."""
     path = Path(path)
+    model = model.stacked()
     config = model.config
     expected = jax.tree.map(lambda s: s[0], param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
     actual = jax.tree.map(lambda a: tuple(a.shape), model.params)
@@ -129,7 +140,7 @@ def save_model(model: Model, path: str | Path, max_shard_bytes: int | None = Non
     for old in [path / SINGLE_FILE, path / INDEX_FILE, *path.glob("model-*-of-*.safetensors")]:
         old.unlink(missing_ok=True)
     hf = config_to_hf(config)
-    hf["dtype"] = str(model.dtype)  # transformers 5 spelling; jaxinfer ignores it
+    hf["dtype"] = str(model.weight_dtype)  # transformers 5 spelling; jaxinfer ignores it
     (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
 
     host = jax.device_get(model.params)

@@ -5,11 +5,12 @@
     from pallas_kernels.quant_matmul import quant_matmul, quant_matmul_reference, dequantize
 
 (The kernel functions are not re-exported here: their names are the submodules' names.)
-`is_sm90()` says whether the kernels can run on a device.
+`is_sm90()` says whether the kernels can run on a device; `masked_softmax` is the references'
+NaN-safe masked softmax.
 """
 
-from pallas_kernels._common import is_sm90
+from pallas_kernels._common import is_sm90, masked_softmax
 from pallas_kernels.flash_attention import flash_attention_reference
 from pallas_kernels.paged_attention import paged_attention_reference
 
-__all__ = ["flash_attention_reference", "is_sm90", "paged_attention_reference"]
+__all__ = ["flash_attention_reference", "is_sm90", "masked_softmax", "paged_attention_reference"]

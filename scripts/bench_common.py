@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-# the jitted entry points jaxinfer.Engine calls (jaxinfer/steps.py)
-JIT_NAMES = ("admit_jit", "prefill_jit", "decode_steps_jit", "fork_jit", "evict_jit", "num_free_pages_jit")
+# the steps jaxinfer.Engine runs (jaxinfer/engine.py Engine._STEPS)
+STEP_NAMES = ("admit", "prefill", "decode_steps", "fork", "evict", "num_free_pages", "permute_slots")
 
 
 def log(msg: str = "") -> None:
@@ -40,13 +40,16 @@ def load_model_arg(args):
     (model, display name, model dir or None)."""
     import jaxinfer
 
+    compute = getattr(args, "compute_dtype", None)  # only scripts that offer --compute-dtype
     if args.preset:
-        return jaxinfer.dummy_model(jaxinfer.get_preset(args.preset), dtype=args.dtype), f"{args.preset} (random weights)", args.model
+        return (jaxinfer.dummy_model(jaxinfer.get_preset(args.preset), dtype=args.dtype, compute_dtype=compute),
+                f"{args.preset} (random weights)", args.model)
     path = Path(args.model) if args.model else jaxinfer.default_model_dir()
     if path is None:
         args.preset = "llama-20m"
-        return jaxinfer.dummy_model(jaxinfer.get_preset("llama-20m"), dtype=args.dtype), "llama-20m (random weights)", None
-    return jaxinfer.load_model(path, dtype=args.dtype), path.name, str(path)
+        return (jaxinfer.dummy_model(jaxinfer.get_preset("llama-20m"), dtype=args.dtype, compute_dtype=compute),
+                "llama-20m (random weights)", None)
+    return jaxinfer.load_model(path, dtype=args.dtype, compute_dtype=compute), path.name, str(path)
 
 
 def random_prompt(rng: np.random.Generator, vocab: int, n: int) -> list[int]:
@@ -65,11 +68,12 @@ def engine_kwargs(slots: int, max_seq_len: int, page_size: int, decode_steps: in
 
 
 def jit_cache_sizes() -> dict:
-    """Number of compiled variants of each jitted entry point jaxinfer.Engine calls (see
-    jaxinfer/engine.py; insert_jit, admit + prefill + first decode in one call, is no longer one)."""
-    from jaxinfer import steps
+    """Programs compiled so far in this process per step jaxinfer.Engine runs (its StepCache,
+    jaxinfer/aot.py; a program loaded from the disk cache is not a compilation)."""
+    import jaxinfer
 
-    return {name: getattr(steps, name)._cache_size() for name in JIT_NAMES}
+    compiled = jaxinfer.aot.steps().compiled_by_step
+    return {name: compiled.get(name, 0) for name in STEP_NAMES}
 
 
 def cache_growth(before: dict, after: dict) -> dict:
@@ -95,22 +99,19 @@ def warm_up(model, kwargs: dict, max_prompt: int, log, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed + 12345)
     top = cfg.prefill_bucket(min(max_prompt, cfg.max_seq_len - 1))
     lengths = [t for t in cfg.prefill_buckets if t <= top]
-    sp = jaxinfer.SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     before = jit_cache_sizes()
     t0 = time.perf_counter()
-    for b in cfg.batch_buckets:
-        for t in lengths:
-            n = min(t, cfg.max_seq_len - 1)
-            engine.generate([random_prompt(rng, vocab, n) for _ in range(b)], sp)
-    if cfg.max_slots >= 2:  # fork (SamplingParams.n > 1), so that it is compiled as well
-        engine.generate([random_prompt(rng, vocab, lengths[0])],
-                        jaxinfer.SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, n=2))
+    plan = engine.precompile()  # every program the engine can run (or load them from the disk cache)
+    # One run through the engine as well, so first-call costs other than compiling are paid.
+    engine.generate([random_prompt(rng, vocab, lengths[0])],
+                    jaxinfer.SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, n=min(2, cfg.max_slots)))
     seconds = time.perf_counter() - t0
     after = jit_cache_sizes()
-    log(f"warm-up: compiled/ran {len(cfg.batch_buckets)} batch buckets x {len(lengths)} length buckets "
-        f"{cfg.batch_buckets} x {tuple(lengths)} (admit + prefill) + decode + fork + evict in {seconds:.1f} s "
-        f"(excluded from timing)")
+    log(f"warm-up: compiled or loaded the {sum(map(len, plan.values()))} programs of the bucket plan "
+        f"(prefill {cfg.batch_buckets} x {cfg.prefill_buckets}, decode {cfg.decode_slot_buckets} x "
+        f"{cfg.decode_span_buckets}, admit, fork, evict, ...) in {seconds:.1f} s (excluded from timing)")
     return {"seconds": seconds, "batch_buckets": list(cfg.batch_buckets), "length_buckets": lengths,
+            "plan": {k: [list(x) if x else x for x in v] for k, v in plan.items()},
             "new_compilations": cache_growth(before, after)}
 
 

@@ -8,6 +8,10 @@
   (every engine shape of every test), which once pushed the process past the kernel's
   vm.max_map_count (65530) and crashed XLA mid-compile (segfault / abort in
   backend_compile_and_load). Clearing the caches after each module keeps the count ~600.
+- The engine's own disk cache of compiled steps (jaxinfer/aot.py) is off for the suite
+  (JAXINFER_CACHE_DIR=0, set before jaxinfer is imported): thousands of test shapes would fill
+  ~/.cache, and a cached executable from an earlier run would hide compilation from the tests
+  that count it. Tests of the cache itself point it at a temporary directory.
 - `tiny_model`: the "tiny" preset (vocab 258, 4 layers, hidden 64) with deterministic random
   weights (seed 0), built once per session so every test reuses the same jit cache entries.
 """
@@ -15,10 +19,13 @@
 from __future__ import annotations
 
 import gc
+import os
 from pathlib import Path
 
-import jax
-import pytest
+os.environ["JAXINFER_CACHE_DIR"] = "0"
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 ASSETS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 
@@ -41,5 +48,8 @@ def tiny_model():
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_code():
     yield
+    import jaxinfer.aot
+
+    jaxinfer.aot.clear_memory()
     jax.clear_caches()
     gc.collect()

@@ -51,8 +51,8 @@ def test_kernel_backends_explain_unsupported_inputs():
     with pytest.raises(ValueError):
         prefill_attention(q, q, q, lengths=None, backend="interpret")
     with pytest.raises(NotImplementedError, match="sliding"):
-        decode_attention(jnp.zeros((1, 2, 64), jnp.bfloat16), jnp.zeros((4, 16, 1, 64), jnp.bfloat16),
-                         jnp.zeros((4, 16, 1, 64), jnp.bfloat16), jnp.zeros((1, 2), jnp.int32),
+        decode_attention(jnp.zeros((1, 2, 64), jnp.bfloat16), jnp.zeros((1, 4, 16, 1, 64), jnp.bfloat16),
+                         jnp.zeros((1, 4, 16, 1, 64), jnp.bfloat16), 0, jnp.zeros((1, 2), jnp.int32),
                          jnp.ones((1,), jnp.int32), sliding_window=4, backend="interpret")
 
 

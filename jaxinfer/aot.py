@@ -21,12 +21,12 @@ JAXINFER_CACHE_DIR=0 (or empty) turns both caches off (memory only).
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import functools
 import hashlib
 import logging
 import os
 import pickle
+import queue
 import tempfile
 import threading
 import time
@@ -100,14 +100,16 @@ def signature_key(*trees) -> str:
     return hashlib.sha256(_signature(trees)).hexdigest()[:16]
 
 
-def _no_jax_cache():
-    """A thread-local override turning JAX's persistent compilation cache off."""
-    try:
-        from jax._src import config  # private: the public jax.config has no per-thread switch
+# Whether the compilation under way on this thread was served by JAX's persistent cache.
+_local = threading.local()
 
-        return config.enable_compilation_cache(False)
-    except (ImportError, AttributeError):  # pragma: no cover - other JAX versions
-        return contextlib.nullcontext()
+
+def _on_event(event: str, **kwargs) -> None:
+    if event == "/jax/compilation_cache/cache_hits" and getattr(_local, "compiling", False):
+        _local.jax_cache_hit = True
+
+
+jax.monitoring.register_event_listener(_on_event)
 
 
 class _Abstract:
@@ -150,29 +152,42 @@ class StepCache:
     PyTrees from placeholders through their dataclasses' __init__, which runtime type checkers
     (jaxtyping's import hook in the test suite) reject."""
 
-    def __init__(self, directory: Path | None = None, workers: int = 2):
+    def __init__(self, directory: Path | None = None, workers: int = 1):
         self.directory = None if directory is None else directory / "steps"
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
         self._mem: dict[tuple, Any] = {}
         self._pending: dict[tuple, concurrent.futures.Future] = {}
         self._lock = threading.Lock()
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jaxinfer-compile")
+        self._queue: queue.Queue = queue.Queue()
+        self._workers = [threading.Thread(target=self._work, name=f"jaxinfer-compile-{i}") for i in range(workers)]
+        self._started = False
         self.stats = {"compiled": 0, "loaded": 0, "compile_seconds": 0.0}
         self.compiled_by_step: dict[str, int] = {}  # step name -> programs compiled (not loaded)
 
-    def _entry(self, name: str, fn: Callable, args: tuple, static_argnums: tuple[int, ...],
-               donate_argnums: tuple[int, ...]) -> Any:
-        """Load or compile the executable; `args` may hold ShapeDtypeStruct leaves."""
+    @staticmethod
+    def _flat(args: tuple, static_argnums: tuple[int, ...]):
         static = {i: args[i] for i in static_argnums}
         positions = [i for i in range(len(args)) if i not in static]
         flat = [(a.treedef, a.leaves) if isinstance(a, _Abstract) else jax.tree.flatten(a)[::-1]
                 for a in (args[i] for i in positions)]
+        return static, positions, flat
+
+    def _path(self, name: str, static: dict, flat: list) -> Path | None:
+        """The disk entry of a program: everything it depends on, hashed."""
+        if self.directory is None:
+            return None
+        digest = hashlib.sha256(_environment_key() + repr((name, tuple(static.items()))).encode()
+                                + _flat_signature([t for t, _ in flat], [x for _, ls in flat for x in ls])).hexdigest()
+        return self.directory / f"{name}-{digest[:32]}.bin"
+
+    def _entry(self, name: str, fn: Callable, args: tuple, static_argnums: tuple[int, ...],
+               donate_argnums: tuple[int, ...]) -> Any:
+        """Load or compile the executable; `args` may hold `_Abstract` stand-ins."""
+        static, positions, flat = self._flat(args, static_argnums)
         treedefs = [t for t, _ in flat]
         leaves = [x for _, ls in flat for x in ls]
-        digest = hashlib.sha256(_environment_key() + repr((name, tuple(static.items()))).encode()
-                                + _flat_signature(treedefs, leaves)).hexdigest()
-        path = None if self.directory is None else self.directory / f"{name}-{digest[:32]}.bin"
+        path = self._path(name, static, flat)
         if path is not None and path.exists():
             try:
                 payload, in_tree, out_tree = pickle.loads(path.read_bytes())
@@ -190,19 +205,26 @@ class StepCache:
             full.update((i, jax.tree.unflatten(t, xs[a:a + n])) for i, t, a, n in zip(positions, treedefs, starts, sizes))
             return fn(*(full[i] for i in range(len(args))))
 
+        flat_fn.__name__ = flat_fn.__qualname__ = name  # the XLA module is jit_<step name>
+
         donated = tuple(j for k, i in enumerate(positions) if i in donate_argnums
                         for j in range(starts[k], starts[k] + sizes[k]))
         avals = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
         t = time.perf_counter()
-        # Compile for real, never from JAX's persistent cache: an executable loaded from it
-        # serializes without its code (loading that fails with "Function ... not found").
-        with _no_jax_cache():
+        _local.jax_cache_hit = False
+        _local.compiling = True
+        try:
             compiled = jax.jit(flat_fn, donate_argnums=donated).lower(*avals).compile()
+        finally:
+            _local.compiling = False
         with self._lock:
             self.stats["compiled"] += 1
             self.stats["compile_seconds"] += time.perf_counter() - t
             self.compiled_by_step[name] = self.compiled_by_step.get(name, 0) + 1
-        if path is not None:
+        # An executable JAX's persistent cache handed back serializes without its code (loading
+        # it fails with "Function ... not found"): keep only real compilations. (That cache
+        # serves this program to later processes anyway, after tracing it.)
+        if path is not None and not _local.jax_cache_hit:
             try:
                 data = pickle.dumps(serialize_executable.serialize(compiled))
                 with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as f:
@@ -218,7 +240,8 @@ class StepCache:
             return compiled
         with self._lock:
             future = self._pending.get(k)
-        if future is not None:
+        # Queued but not started: compile here rather than wait behind the rest of the queue.
+        if future is not None and not future.cancel():
             compiled = future.result()
         else:
             compiled = self._entry(name, fn, args, static_argnums, donate_argnums)
@@ -232,20 +255,29 @@ class StepCache:
         return compiled(*jax.tree.leaves([a for i, a in enumerate(args) if i not in static_argnums]))
 
     def submit(self, name: str, fn: Callable, args: tuple, static_argnums: tuple[int, ...],
-               donate_argnums: tuple[int, ...] = (), key: Any = None):
-        """Compile (or load) in the background. The arguments are reduced to their shapes now,
-        so the caller may go on (and donate them) at once. Returns the future, or None when the
-        program is compiled or already under way."""
+               donate_argnums: tuple[int, ...] = (), key: Any = None, only_cached: bool = False):
+        """Compile (or load) in the background; with `only_cached`, only load, and only when the
+        disk holds the program. The arguments are reduced to their shapes now, so the caller may
+        go on (and donate them) at once. Returns the future, or None when nothing was queued."""
         k = (name, tuple(args[i] for i in static_argnums), key)
         with self._lock:
             if k in self._mem or k in self._pending:
                 return None
             abstract = tuple(a if i in static_argnums else _abstract(a) for i, a in enumerate(args))
-            future = self._pool.submit(self._entry, name, fn, abstract, static_argnums, donate_argnums)
+            if only_cached:
+                path = self._path(name, *self._flat(abstract, static_argnums)[::2])
+                if path is None or not path.exists():
+                    return None
+            future = concurrent.futures.Future()
             self._pending[k] = future
+            self._queue.put((future, (name, fn, abstract, static_argnums, donate_argnums)))
+            if not self._started:
+                self._started = True
+                for w in self._workers:
+                    w.start()
 
         def done(f, k=k):
-            if f.exception() is None:
+            if not f.cancelled() and f.exception() is None:
                 self._mem[k] = f.result()
             with self._lock:
                 self._pending.pop(k, None)
@@ -253,12 +285,34 @@ class StepCache:
         future.add_done_callback(done)
         return future
 
+    def _work(self) -> None:
+        """Worker loop. Not a daemon (a daemon thread inside XLA's compiler when the interpreter
+        exits aborts the process): it stops taking work once the main thread has finished, so an
+        exiting program waits at most for the compilation under way; the rest is cancelled."""
+        while threading.main_thread().is_alive():
+            try:
+                future, job = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(self._entry(*job))
+                except BaseException as e:  # delivered to whoever waits for it
+                    future.set_exception(e)
+        while True:
+            try:
+                future, _ = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            future.cancel()
+
     def wait(self) -> None:
         """Block until every submitted compilation has finished (raising the first error)."""
         with self._lock:
             futures = list(self._pending.values())
         for f in futures:
-            f.result()
+            if not f.cancelled():
+                f.result()
 
     def __len__(self) -> int:
         return len(self._mem)

@@ -64,6 +64,12 @@ class Engine:
     prefill batching.
     `profile`: block on every jitted call and time it; `engine.profile()` reports the time
     per step function (without it, host and device work overlap and nothing is timed).
+    `precompile`: True compiles every program of `bucket_plan()` now; "background" on a worker
+    thread while the engine serves (a program it needs first is compiled on the spot); False
+    only when first needed; None (default): load, in the background, the programs of the plan
+    that the disk cache holds (compiled by earlier processes), and compile the rest when first
+    needed (on 2 cores a background compile slows the programs the first requests need more
+    than it saves; a background load does not).
     """
 
     def __init__(
@@ -88,6 +94,7 @@ class Engine:
         prefix_caching: bool | None = None,
         batch_invariant: bool = False,
         profile: bool = False,
+        precompile: bool | str | None = None,
     ):
         if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1):
             raise ValueError(f"prefill_chunk must be None or an integer >= 1, got {prefill_chunk!r}")
@@ -126,6 +133,12 @@ class Engine:
         self._profile = {} if profile else None  # step function -> [calls, seconds]
         self._steps = aot.steps()
         self._signature = aot.signature_key(self.model, self.state)
+        if precompile not in (True, False, "background", None):
+            raise ValueError(f"precompile must be True, False, 'background' or None, got {precompile!r}")
+        if precompile is None:  # load what earlier processes compiled, on the second core
+            self.precompile(background=True, only_cached=True)
+        elif precompile:
+            self.precompile(background=precompile == "background")
 
     # ------------------------------------------------------------------ device calls
     # The steps the engine runs: name -> (function, static argument positions, donated ones:
@@ -139,7 +152,8 @@ class Engine:
     def _call(self, name: str, *args, shape=None):
         """Every jitted step goes through here: its compiled executable comes from the process's
         StepCache (jaxinfer/aot.py; compiled once, kept on disk), keyed by the model and state
-        signature and `shape`, the bucket of the non-static arguments; `profile=True` times it."""
+        signature and `shape`, the bucket of the non-static arguments; `profile=True` times it.
+        Small arguments are NumPy arrays: an eager jnp conversion would compile a program."""
         fn, static, donated = self._STEPS[name]
         key = (self._signature, shape)
         if self._profile is None:
@@ -156,17 +170,21 @@ class Engine:
         (admit: the requests block; prefill: (batch bucket, length bucket); decode_steps:
         (slot bucket, span bucket)). Their number bounds the compilations of any workload."""
         cfg = self.cfg
+        # In the order a first run needs them (precompile submits them so): the fixed programs,
+        # decode from the shortest span, prefill from the shortest prompts.
         return {
-            "admit": [self._admit_shape()],
-            "prefill": [(b, t) for b in cfg.batch_buckets for t in cfg.prefill_buckets],
-            "decode_steps": [(b, t) for b in cfg.decode_slot_buckets for t in cfg.decode_span_buckets],
-            "fork": [None], "evict": [None], "num_free_pages": [None], "permute_slots": [None],
+            "num_free_pages": [None], "admit": [self._admit_shape()], "evict": [None], "permute_slots": [None],
+            "fork": [None],
+            "decode_steps": [(b, t) for t in cfg.decode_span_buckets for b in reversed(cfg.decode_slot_buckets)],
+            "prefill": [(b, t) for t in cfg.prefill_buckets for b in cfg.batch_buckets],
         }
 
-    def precompile(self, background: bool = False, steps: Iterable[str] | None = None) -> dict[str, list]:
+    def precompile(self, background: bool = False, steps: Iterable[str] | None = None,
+                   only_cached: bool = False) -> dict[str, list]:
         """Compile (or load from the disk cache) every program of `bucket_plan()` (or of the named
-        steps), two at a time on worker threads; with `background`, return at once and let the
-        engine pick each one up when it is ready. Returns the plan."""
+        steps) on a worker thread; with `background`, return at once and let the engine pick
+        each one up when it is ready (a program it needs before that it compiles itself). With
+        `only_cached`, load only the programs the disk cache holds. Returns the plan."""
         plan = {k: v for k, v in self.bucket_plan().items() if steps is None or k in steps}
         cfg, model, state = self.cfg, self.model, self.state  # only their shapes are taken
         i32 = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
@@ -187,7 +205,7 @@ class Engine:
                     args = (cfg, state, i32(cfg.max_slots))
                 else:
                     args = (state,)
-                self._steps.submit(name, fn, args, static, donated, (self._signature, shape))
+                self._steps.submit(name, fn, args, static, donated, (self._signature, shape), only_cached)
         if not background:
             self._steps.wait()
         return plan
@@ -210,7 +228,7 @@ class Engine:
         if slots:
             mask = np.zeros(self.cfg.max_slots, bool)
             mask[slots] = True
-            self.state = self._call("evict", self.cfg, self.state, jnp.asarray(mask))
+            self.state = self._call("evict", self.cfg, self.state, mask)
 
     def _vacate(self, seqs: list[Sequence]) -> None:
         self._evict(self.scheduler.release(seqs))
@@ -296,7 +314,7 @@ class Engine:
         after packing the occupied slots at the bottom when that shrinks the slot bucket."""
         perm = self.scheduler.compaction()
         if perm is not None:
-            self.state = self._call("permute_slots", self.cfg, self.state, jnp.asarray(perm, jnp.int32))
+            self.state = self._call("permute_slots", self.cfg, self.state, np.asarray(perm, np.int32))
             lengths = lengths[perm]
         slots, span = self.scheduler.decode_shape(lengths, self.cfg.decode_steps)
         self.state, dec = self._call("decode_steps", self.cfg, self.model, self.state, self.cfg.decode_steps,
@@ -308,8 +326,8 @@ class Engine:
         out = []
         for src, seq, slot in self.scheduler.ready_forks():
             self.state, ok = self._call(
-                "fork", self.cfg, self.state, jnp.asarray([src.slot], jnp.int32),
-                jnp.asarray([slot], jnp.int32), jnp.asarray(sample_key(src.req.params.seed, seq.index)[None]))
+                "fork", self.cfg, self.state, np.asarray([src.slot], np.int32),
+                np.asarray([slot], np.int32), sample_key(src.req.params.seed, seq.index)[None])
             self.scheduler.forked(src, seq, slot)
             out.append((seq, ok))
         return out

@@ -51,7 +51,8 @@ for _ in range(2):
     runs.append(time.perf_counter() - t)
 print(json.dumps({"import_s": t_import, "process_s": time.perf_counter() - t0, "first_run_s": runs[0],
                   "second_run_s": runs[1], "tokens": sum(len(o.token_ids) for o in outs),
-                  "stats": jaxinfer.aot.steps().stats}))
+                  "stats": jaxinfer.aot.steps().stats, "compiled_by_step": jaxinfer.aot.steps().compiled_by_step,
+                  "plan": {k: len(v) for k, v in engine.bucket_plan().items()}}))
 """
 
 
@@ -89,7 +90,8 @@ def main(argv=None) -> dict:
     print(f"Quickstart process: cold {out['quickstart_cold_s']:.2f} s, warm cache {out['quickstart_warm_s']:.2f} s")
     print(f"import jaxinfer: {w['import_s']:.2f} s")
     print(f"48-request workload, cold process: first run {c['first_run_s']:.2f} s "
-          f"({c['stats']['compiled']} programs compiled in {c['stats']['compile_seconds']:.1f} s), "
+          f"({c['stats']['compiled']} programs compiled in {c['stats']['compile_seconds']:.1f} s: "
+          f"{c['compiled_by_step']}; the bucket plan has {sum(c['plan'].values())}), "
           f"second run {c['second_run_s']:.2f} s")
     print(f"48-request workload, warm process: first run {w['first_run_s']:.2f} s "
           f"({w['stats']['loaded']} programs loaded, {w['stats']['compiled']} compiled), second run "

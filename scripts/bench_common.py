@@ -103,7 +103,7 @@ def warm_up(model, kwargs: dict, max_prompt: int, log, seed: int = 0) -> dict:
     t0 = time.perf_counter()
     plan = engine.precompile()  # every program the engine can run (or load them from the disk cache)
     # One run through the engine as well, so first-call costs other than compiling are paid.
-    engine.generate([random_prompt(rng, vocab, lengths[0])],
+    engine.generate([random_prompt(rng, vocab, min(lengths[0], cfg.max_seq_len - 1))],
                     jaxinfer.SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, n=min(2, cfg.max_slots)))
     seconds = time.perf_counter() - t0
     after = jit_cache_sizes()
@@ -113,6 +113,54 @@ def warm_up(model, kwargs: dict, max_prompt: int, log, seed: int = 0) -> dict:
     return {"seconds": seconds, "batch_buckets": list(cfg.batch_buckets), "length_buckets": lengths,
             "plan": {k: [list(x) if x else x for x in v] for k, v in plan.items()},
             "new_compilations": cache_growth(before, after)}
+
+
+# ---------------------------------------------------------------------------- roofline
+def matmul_shapes(model) -> dict[tuple[int, int], int]:
+    """The dense matmuls of one decode step, {(K, N): count}: every layer's linear weights and
+    the LM head."""
+    cfg = model.config
+    shapes: dict[tuple[int, int], int] = {}
+    for key, spec in (("q", (cfg.hidden_size, cfg.q_size)), ("k", (cfg.hidden_size, cfg.kv_size)),
+                      ("v", (cfg.hidden_size, cfg.kv_size)), ("o", (cfg.q_size, cfg.hidden_size)),
+                      ("gate", (cfg.hidden_size, cfg.intermediate_size)), ("up", (cfg.hidden_size, cfg.intermediate_size)),
+                      ("down", (cfg.intermediate_size, cfg.hidden_size))):
+        shapes[spec] = shapes.get(spec, 0) + cfg.num_layers
+    head = (cfg.hidden_size, cfg.vocab_size)
+    shapes[head] = shapes.get(head, 0) + 1
+    return shapes
+
+
+def matmul_ceiling(model, rows: int, dtype=None, repeat: int = 20) -> dict:
+    """Time of one decode step's dense matmuls at `rows` rows alone: all of them in one XLA
+    program, each weight its own buffer (as the engine runs them), inputs in `dtype` (default:
+    the model's weight dtype), float32 accumulation; best of `repeat`. Returns seconds, FLOPs and
+    GFLOP/s: the machine's matmul roofline for this model at this batch."""
+    import jax
+    import jax.numpy as jnp
+
+    dtype = jnp.dtype(dtype or model.weight_dtype)
+    shapes = matmul_shapes(model)
+    rng = np.random.default_rng(0)
+    weights = [jnp.asarray(rng.standard_normal((k, n), np.float32) * 0.02, dtype)
+               for (k, n), c in shapes.items() for _ in range(c)]
+    inputs = {k: jnp.asarray(rng.standard_normal((rows, k), np.float32), dtype) for k, _ in shapes}
+
+    @jax.jit
+    def step(ws, xs):
+        acc = jnp.zeros((), jnp.float32)
+        for w in ws:
+            acc += jnp.einsum("mk,kn->mn", xs[w.shape[0]], w, preferred_element_type=jnp.float32)[0, 0]
+        return acc
+
+    step(weights, inputs).block_until_ready()
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        step(weights, inputs).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    flops = sum(2 * rows * k * n * c for (k, n), c in shapes.items())
+    return {"rows": rows, "dtype": dtype.name, "seconds": best, "flops": flops, "gflops": flops / best / 1e9}
 
 
 # ---------------------------------------------------------------------------- report

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import copy
 import dataclasses
 import json
 import math
@@ -65,6 +64,7 @@ import numpy as np
 
 import bench_common
 import bench_metrics
+import bench_peers
 import bench_plots
 from bench_common import jit_cache_sizes, load_model_arg, log, warm_up
 from bench_metrics import RequestRecord
@@ -240,17 +240,16 @@ def print_profile(p: dict, log) -> None:
 
 
 def pick_best_hf(by_mode: dict) -> None:
-    """Replace the "hf@<threads>" entries by one "hf": the thread count with the highest median
-    output throughput (the most favourable baseline); every thread count's median is kept."""
-    keys = [k for k in by_mode if k.startswith("hf@")]
-    if not keys:
-        return
-    medians = {int(k[3:]): by_mode[k]["metrics"]["output_throughput"] for k in keys}
-    best = by_mode[max(keys, key=lambda k: by_mode[k]["metrics"]["output_throughput"])]
-    for k in keys:
-        del by_mode[k]
-    best["metrics"]["median_output_throughput_by_threads"] = medians
-    by_mode["hf"] = best
+    """Replace each peer's "<peer>@<threads>" entries by one "<peer>": the thread count with the
+    highest median output throughput (the most favourable baseline); every count's median is kept."""
+    for peer in sorted({k.split("@")[0] for k in by_mode if "@" in k}):
+        keys = [k for k in by_mode if k.startswith(f"{peer}@")]
+        medians = {int(k.split("@")[1]): by_mode[k]["metrics"]["output_throughput"] for k in keys}
+        best = by_mode[max(keys, key=lambda k: by_mode[k]["metrics"]["output_throughput"])]
+        for k in keys:
+            del by_mode[k]
+        best["metrics"]["median_output_throughput_by_threads"] = medians
+        by_mode[peer] = best
 
 
 # ---------------------------------------------------------------------------- HF baseline
@@ -270,32 +269,19 @@ def load_hf(model, model_dir: str | None):
 
 
 def run_hf(hf, wl: Workload, batch_size: int, threads: int, progress: bool, desc: str) -> dict:
+    """transformers `generate` in batches of `batch_size` (bench_peers.hf_generate: left padding,
+    greedy, EOS neither stops nor is masked), timed per batch so each request gets its batch's
+    completion time."""
     import torch
     from tqdm.auto import tqdm
 
     torch.set_num_threads(threads)
-
-    cfg = copy.deepcopy(hf.generation_config)
-    cfg.eos_token_id = None  # like ignore_eos: never stop, never mask EOS
-    cfg.do_sample, cfg.num_beams, cfg.pad_token_id = False, 1, 0
     n = len(wl.prompts)
     order = sorted(range(n), key=lambda i: wl.arrivals[i])
     batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
     def generate(rows: list[int]):
-        width = max(len(wl.prompts[i]) for i in rows)
-        ids = torch.zeros((len(rows), width), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):  # left padding
-            p = wl.prompts[i]
-            ids[r, width - len(p):] = torch.tensor(p)
-            mask[r, width - len(p):] = 1
-        new = max(wl.output_lens[i] for i in rows)
-        gc = copy.deepcopy(cfg)
-        gc.max_new_tokens = gc.min_new_tokens = new
-        with torch.no_grad():
-            out = hf.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
-        return out[:, width:]
+        return bench_peers.hf_generate(hf, [wl.prompts[i] for i in rows], max(wl.output_lens[i] for i in rows))
 
     generate(batches[0][:2] if len(batches[0]) > 1 else batches[0])  # warm-up (allocator, threads)
     tokens: list[list[int]] = [[] for _ in range(n)]
@@ -319,6 +305,17 @@ def run_hf(hf, wl: Workload, batch_size: int, threads: int, progress: bool, desc
     return {"metrics": metrics, "tokens": tokens,
             "requests": [{"arrival_s": wl.arrivals[i], "prompt_len": len(wl.prompts[i]),
                           "output_len": wl.output_lens[i], "completion_s": done_at[i]} for i in range(n)]}
+
+
+def run_llamacpp(model_dir: str, wl: Workload, n_parallel: int, threads: int, dtype: str) -> dict:
+    """llama.cpp serving the offline workload (bench_peers.run_llamacpp: continuous batching over
+    n_parallel sequences, greedy, EOS ignored); throughput only (no per-token timestamps)."""
+    r = bench_peers.run_llamacpp(model_dir, wl.prompts, wl.output_lens, n_parallel=n_parallel, threads=threads,
+                                 dtype=dtype)
+    metrics = bench_metrics.throughput(len(wl.prompts), sum(wl.input_lens), sum(wl.output_lens), r["seconds"])
+    metrics.update(ttft_ms=None, tpot_ms=None, itl_ms=None, e2e_ms=None, threads=threads, n_parallel=n_parallel,
+                   dtype=dtype, kv_type=r["kv_type"], flash_attn=r["flash_attn"])
+    return {"metrics": metrics, "tokens": r["tokens"], "requests": []}
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
@@ -360,6 +357,31 @@ def print_tables(results: dict, log) -> None:
                 log(f"{mode:<12}ITL gaps that are 0 (same host sync): {m['itl_zero_fraction']:.1%}")
 
 
+def roofline(model, rows: int, offline: dict, output_tokens: int) -> dict:
+    """The workload's matmul roofline: every output token costs one decode row of the model's
+    dense matmuls, at the machine's measured GEMM rate for that batch (bench_common.matmul_ceiling
+    at `rows` rows, in the model's dtype and in bf16 in / f32 out, XLA's fastest CPU dot); each
+    system's throughput as a share of it."""
+    own = bench_common.matmul_ceiling(model, rows)
+    bf16 = bench_common.matmul_ceiling(model, rows, "bfloat16")
+    best = max(own["gflops"], bf16["gflops"])
+    per_token_flops = own["flops"] / rows
+    tok_s = best * 1e9 / per_token_flops
+    return {**own, "best_gflops": best, "tok_per_s": tok_s, "flops_per_token": per_token_flops,
+            "output_tokens": output_tokens,
+            "percent_of_best": {m: r["metrics"]["output_throughput"] / tok_s for m, r in offline.items()}}
+
+
+def save_preset(model, name: str) -> Path:
+    """A random-weight preset as an HF checkpoint (for the llama.cpp converter), in benchmarks/tmp."""
+    import jaxinfer
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tmp" / "presets" / name.split()[0]
+    if not (path / "model.safetensors").exists():
+        jaxinfer.save_model(model, path)
+    return path
+
+
 # ---------------------------------------------------------------------------- main
 def save(out: dict, args, log, plots: bool = True) -> None:
     if args.json:
@@ -373,7 +395,10 @@ def save(out: dict, args, log, plots: bool = True) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_common.add_model_args(ap, "llama-20m, tiny, llama-3.2-1b, ...")
-    ap.add_argument("--dtype", default="float32", help="model dtype for jaxinfer (HF always runs float32)")
+    ap.add_argument("--dtype", default="float32", help="weight dtype for jaxinfer (HF always runs float32)")
+    ap.add_argument("--compute-dtype", default=None,
+                    help="jaxinfer activations and KV cache (default: --dtype; on CPU bfloat16 weights run fastest "
+                         "with float32 compute)")
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--input-len", type=parse_dist, default="sharegpt", help="fixed:L | uniform:LO:HI | sharegpt")
     ap.add_argument("--output-len", type=parse_dist, default="sharegpt", help="fixed:L | uniform:LO:HI | sharegpt")
@@ -381,7 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--request-rate", type=float, default=math.inf,
                     help="Poisson arrival rate (req/s) of the online run; inf (default): offline only")
     ap.add_argument("--modes", default="continuous,static", help="comma list of continuous, static")
-    ap.add_argument("--baseline", choices=("none", "hf"), default="none")
+    ap.add_argument("--baseline", default="none",
+                    help="comma list of peers run on the same workload: hf, llamacpp (f32), llamacpp-bf16 "
+                         "(llama.cpp through llama-cpp-python, see scripts/bench_peers.py); none")
     ap.add_argument("--hf-batch-size", type=int, default=0, help="HF generate batch size (default: --slots)")
     ap.add_argument("--threads", default=str(os.cpu_count()),
                     help="torch thread counts for the HF baseline, comma list (e.g. 1,2): each is run and the "
@@ -450,7 +477,15 @@ def main(argv=None) -> dict:
 
     offline_wl = dataclasses.replace(wl, arrivals=[0.0] * len(wl.prompts))
     online = None if math.isinf(args.request_rate) else f"online ({args.request_rate:g} req/s Poisson)"
-    hf_model = load_hf(model, model_dir) if args.baseline == "hf" else None
+    peers = [b for b in args.baseline.split(",") if b and b != "none"]
+    unknown = set(peers) - {"hf", "llamacpp", "llamacpp-bf16"}
+    if unknown:
+        raise SystemExit(f"error: unknown --baseline {sorted(unknown)}; use hf, llamacpp, llamacpp-bf16 or none")
+    hf_model = load_hf(model, model_dir) if "hf" in peers else None
+    llamacpp = [p for p in peers if p.startswith("llamacpp")]
+    if llamacpp and (reason := bench_peers.llamacpp_available()):
+        raise SystemExit(f"error: --baseline {','.join(llamacpp)}: {reason}")
+    peer_dir = model_dir or (str(save_preset(model, name)) if llamacpp else None)
     threads = [int(t) for t in str(args.threads).split(",") if t]
     hf_batch = args.hf_batch_size or args.slots
     runs: dict = {"offline": collections.defaultdict(list)}
@@ -469,6 +504,10 @@ def main(argv=None) -> dict:
             timed("offline", mode, run_engine(model, kw, mode, offline_wl, progress, f"{mode} offline{tag}"))
         for th in threads if hf_model is not None else ():
             timed("offline", f"hf@{th}", run_hf(hf_model, offline_wl, hf_batch, th, progress, f"hf@{th} offline{tag}"))
+        for peer in llamacpp:
+            for th in threads:
+                timed("offline", f"{peer}@{th}", run_llamacpp(peer_dir, offline_wl, args.slots, th,
+                                                               "bf16" if peer.endswith("bf16") else "f32"))
         if online:
             for mode in modes:
                 timed(online, mode, run_engine(model, kw, mode, wl, progress, f"{mode} online{tag}"))
@@ -486,13 +525,18 @@ def main(argv=None) -> dict:
                         for i, a in enumerate(toks) for b in list(toks)[i + 1:]}
     off = {m: r["metrics"]["output_throughput"] for m, r in results["offline"].items()}
     out["ratios"] = {f"{a} / {b}": off[a] / off[b] for a in off for b in off
-                     if a != b and (b == "hf" or (a, b) == ("continuous", "static"))}
+                     if a != b and a in modes and (b in peers or (a, b) == ("continuous", "static"))}
+    out["roofline"] = roofline(model, kw["max_slots"], results["offline"], sum(wl.output_lens))
 
     for by_mode in results.values():
         for r in by_mode.values():
             r.pop("tokens")
     print_tables(results, log)
-    log(f"\nratios (offline output tok/s): " + ", ".join(f"{k} = {v:.2f}x" for k, v in out["ratios"].items()))
+    log("\nratios (offline output tok/s): " + ", ".join(f"{k} = {v:.2f}x" for k, v in out["ratios"].items()))
+    rf = out["roofline"]
+    log(f"matmul roofline ({rf['rows']} rows, {rf['dtype']}, XLA {rf['gflops']:.0f} GFLOP/s; the best of f32 and "
+        f"bf16 in / f32 out: {rf['best_gflops']:.0f}): {rf['tok_per_s']:.0f} tok/s; "
+        + ", ".join(f"{m} {pct:.0%}" for m, pct in rf["percent_of_best"].items()) + " of the best")
     log("agreement of greedy outputs: " + ", ".join(
         f"{k}: {v['identical_requests']:.0%} identical" for k, v in out["agreement"].items()))
     comp = out["compilations_during_timed_runs"]

@@ -10,8 +10,8 @@ compiled HLO's stack frames): matmul (the linear layers and lm_head), attention,
 sampling (logits processing, sampling, logprobs), allocator, norm/rope, layer slicing (the
 per-layer weight slices/copies of the layer scan), and other. It also measures the matmul
 ceiling: each of the step's weight shapes multiplied alone at the step's row count, in the
-model's dtype, with XLA (the time the step's matmuls would take at XLA's own rate for them),
-and reports the step against it.
+model's weight dtype, with XLA, in one program (bench_common.matmul_ceiling: the time the
+step's matmuls take at XLA's own rate for them), and reports the step against it.
 """
 
 from __future__ import annotations
@@ -117,37 +117,6 @@ def trace_breakdown(fn, calls: int) -> dict[tuple[str, str], float]:
     return dict(spent)
 
 
-def matmul_ceiling(model, rows: int, repeat: int) -> dict:
-    """The step's dense matmuls (every layer's linears + lm_head) timed alone at `rows` rows with
-    XLA in the model's dtype (f32 accumulation), and their FLOPs."""
-    import jax
-    import jax.numpy as jnp
-
-    cfg = model.config
-    shapes = collections.Counter()
-    for key, w in model.params["layers"].items():
-        if key.startswith("w") and hasattr(w, "shape") and len(w.shape) == 3:
-            shapes[tuple(w.shape[1:])] += w.shape[0]
-    shapes[(cfg.hidden_size, cfg.vocab_size)] += 1
-    dtype = model.weight_dtype
-    total_s, flops, per_shape = 0.0, 0, {}
-    for (k, n), count in shapes.items():
-        x = jnp.ones((rows, k), dtype)
-        w = jnp.ones((k, n), dtype)
-        f = jax.jit(lambda x, w: jnp.einsum("ik,kn->in", x, w, preferred_element_type=jnp.float32))
-        f(x, w).block_until_ready()
-        ts = []
-        for _ in range(repeat):
-            t = time.perf_counter()
-            f(x, w).block_until_ready()
-            ts.append(time.perf_counter() - t)
-        best = min(ts)
-        per_shape[f"{rows}x{k}x{n}"] = {"count": count, "seconds": best, "gflops": 2 * rows * k * n / best / 1e9}
-        total_s += count * best
-        flops += count * 2 * rows * k * n
-    return {"seconds": total_s, "flops": flops, "gflops": flops / total_s / 1e9, "shapes": per_shape}
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_common.add_model_args(ap)
@@ -208,12 +177,15 @@ def main(argv=None) -> dict:
     opcodes = dict(re.findall(r"^\s*(?:ROOT )?%?([\w.\-]+) = \S+ ([\w\-]+)\(", hlo, re.M))
     spent = trace_breakdown(call, args.trace_calls)
     by_cat: collections.Counter = collections.Counter()
+    by_cat_ops: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for (module, op), sec in spent.items():
-        by_cat[category(op, frames, opcodes) if module == "jit_decode_steps" else f"other programs"] += sec
+        cat = category(op, frames, opcodes) if module == "jit_decode_steps" else "other programs"
+        by_cat[cat] += sec
+        by_cat_ops[cat][f"{op} ({opcodes.get(op, '?')}: {'/'.join(frames.get(op, [])[:2])})"] += sec
     device_ms = 1000 * sum(by_cat.values()) / (args.trace_calls * args.decode_steps)
     by_cat["host + dispatch"] = max(0.0, step_ms - device_ms) * args.trace_calls * args.decode_steps / 1000
     total = sum(by_cat.values()) or 1.0
-    ceiling = matmul_ceiling(model, args.slots, repeat=20)
+    ceiling = bench_common.matmul_ceiling(model, args.slots)
     ceiling_ms = 1000 * ceiling["seconds"]
     result = {
         "model": name, "params": model.config.num_params(), "dtype": str(model.weight_dtype),
@@ -224,6 +196,9 @@ def main(argv=None) -> dict:
         "breakdown_ms_per_step": {k: 1000 * v / (args.trace_calls * args.decode_steps) for k, v in by_cat.most_common()},
         "top_ops_ms_per_step": {f"{m}/{op}": 1000 * sec / (args.trace_calls * args.decode_steps)
                                 for (m, op), sec in sorted(spent.items(), key=lambda kv: -kv[1])[:15]},
+        "top_ops_by_category_ms_per_step": {
+            cat: {op: 1000 * sec / (args.trace_calls * args.decode_steps) for op, sec in ops.most_common(6)}
+            for cat, ops in by_cat_ops.items()},
         "matmul_ceiling": ceiling, "matmul_ceiling_ms": ceiling_ms, "step_over_matmul_ceiling": step_ms / ceiling_ms,
         "jax": jax.__version__,
     }
@@ -234,7 +209,9 @@ def main(argv=None) -> dict:
     print(f"{'category':<16}{'share':>8}{'ms/step':>10}")
     for k, v in by_cat.most_common():
         print(f"{k:<16}{v / total:>8.1%}{result['breakdown_ms_per_step'][k]:>10.3f}")
-    print("top ops (ms/step):", ", ".join(f"{k} {v:.3f}" for k, v in list(result["top_ops_ms_per_step"].items())[:8]))
+    for cat, ops in result["top_ops_by_category_ms_per_step"].items():
+        if cat in ("attention", "matmul", "other"):
+            print(f"  {cat}:", "; ".join(f"{k} {v:.3f}" for k, v in list(ops.items())[:5]))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

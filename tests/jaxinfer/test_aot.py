@@ -114,3 +114,18 @@ def test_background_compile_is_used(tmp_path, tiny_model):
     engine.generate([list(range(1, 12))], jaxinfer.SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True))
     assert engine._steps.stats["compiled"] == compiled  # the run used only precompiled programs
     assert np.isfinite(engine._steps.stats["compile_seconds"])
+
+
+def test_program_served_by_jax_cache_is_not_stored_broken(tmp_path):
+    """With our entries gone but JAX's persistent cache (same directory, xla/) still holding the
+    programs, the StepCache's compilations are JAX cache hits, whose executables serialize
+    without their code: none of them may be stored, and a later process must still run."""
+    import shutil
+
+    first = _run_child(tmp_path)
+    shutil.rmtree(tmp_path / "steps")
+    second = _run_child(tmp_path)
+    assert second["tokens"] == first["tokens"]
+    assert not list((tmp_path / "steps").glob("*.bin")), "executables from JAX's cache were stored"
+    third = _run_child(tmp_path)
+    assert third["tokens"] == first["tokens"]

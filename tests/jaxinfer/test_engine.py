@@ -142,6 +142,30 @@ def test_fifty_requests_compile_only_during_warmup(llama):
     assert engine.stats()["pages_used"] == 0 and engine.stats()["running"] == 0
 
 
+def test_compilations_are_bounded_by_the_bucket_plan(llama):
+    """precompile() compiles at most the programs of bucket_plan() (fewer when this process has
+    some already); afterwards a varied workload -- lengths across every bucket, batches of every
+    size, greedy and sampled, n > 1 -- compiles nothing."""
+    _, model = llama
+    engine = _engine(model, max_slots=4, max_seq_len=64, num_pages=128)
+    plan = engine.bucket_plan()
+    assert len(plan["decode_steps"]) == len(engine.cfg.decode_slot_buckets) * len(engine.cfg.decode_span_buckets)
+    assert len(plan["prefill"]) == len(engine.cfg.batch_buckets) * len(engine.cfg.prefill_buckets)
+    before = _compiles[0]
+    engine.precompile()
+    assert _compiles[0] - before <= sum(len(v) for v in plan.values())
+    before = _compiles[0]
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(3, model.config.vocab_size, int(n)).tolist() for n in rng.integers(1, 60, 40)]
+    params = [SamplingParams(max_tokens=int(m), temperature=float(t), seed=i, n=int(k))
+              for i, (m, t, k) in enumerate(zip(rng.integers(1, 30, 40), rng.choice([0.0, 0.9], 40),
+                                                rng.choice([1, 1, 1, 2], 40)))]
+    outs = engine.generate(prompts, params)
+    assert all(o.finished for o in outs)
+    assert _compiles[0] == before, f"{_compiles[0] - before} compilations outside the bucket plan"
+    assert engine.stats()["pages_used"] == 0
+
+
 BAD = [
     ([], GREEDY, "empty prompt"),
     ([1] * 64, GREEDY, "max_seq_len"),

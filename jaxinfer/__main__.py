@@ -1,9 +1,13 @@
-"""Command line: `python -m jaxinfer generate [--model DIR] --prompt TEXT ...` streams text.
+"""Command line: `python -m jaxinfer generate [--model DIR | --preset NAME] --prompt TEXT ...`
+streams text.
 
 Without --model the built-in default is used: the real pretrained stories260K checkpoint when
 the shared test assets are next to the repository (../shared/assets/stories260K, or the
 JAXINFER_DEFAULT_MODEL directory), otherwise the random-weight `tiny` preset with a byte
 tokenizer (its text is gibberish, but it runs the whole pipeline with no files at all).
+
+A bad flag value, a missing checkpoint or a request the engine refuses prints one
+`error: ...` line and exits with status 2.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ def cmd_generate(args) -> int:
     model, tok, what = load(args.model, args.preset, args.dtype, args.compute_dtype)
     print(f"[jaxinfer] model: {what} ({model.config.num_params() / 1e6:.2f}M params)", file=sys.stderr)
     engine = jaxinfer.Engine(model, max_slots=args.slots, page_size=args.page_size, num_pages=args.num_pages,
-                             max_seq_len=args.max_seq_len, tokenizer=tok)
+                             max_seq_len=args.max_seq_len, tokenizer=tok, max_logprobs=max(5, args.logprobs or 0))
     if args.verbose:
         plan = engine.bucket_plan()
         print(f"[jaxinfer] bucket plan ({sum(map(len, plan.values()))} programs at most): "
@@ -47,30 +51,50 @@ def cmd_generate(args) -> int:
         t = time.perf_counter()
         engine.precompile()
         print(f"[jaxinfer] precompiled the plan in {time.perf_counter() - t:.2f}s", file=sys.stderr)
-    params = jaxinfer.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                                     top_p=args.top_p, min_p=args.min_p, seed=args.seed)
+    params = jaxinfer.SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, seed=args.seed, stop=tuple(args.stop), stop_token_ids=tuple(args.stop_token_id),
+        ignore_eos=args.ignore_eos, min_tokens=args.min_tokens, repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, logprobs=args.logprobs,
+        n=args.n)
     prompts = args.prompt or [DEFAULT_PROMPT]
     if tok is None:
-        prompts = [[int(t) for t in p.split()] for p in prompts]
+        try:
+            prompts = [[int(t) for t in p.split()] for p in prompts]
+        except ValueError:
+            raise jaxinfer.InvalidRequestError(
+                "this model has no tokenizer: --prompt must be space-separated token ids") from None
+    live = len(prompts) == 1 and args.n == 1  # one sample: stream it as it comes
     start, n_tokens = time.perf_counter(), 0
-    texts: dict[int, str] = {}
-    if len(prompts) == 1 and tok is not None:
+    texts: dict[tuple[int, int], str] = {}
+    if live and tok is not None:
         print(prompts[0], end="", flush=True)
-    try:
-        for d in engine.stream(prompts, params):
+    with engine.stream(prompts, params) as stream:
+        for d in stream:
             n_tokens += len(d.token_ids)
             text = d.text if tok is not None else "".join(f" {t}" for t in d.token_ids)
-            if len(prompts) == 1:  # one prompt: stream it live
+            if live:
                 print(text, end="", flush=True)
                 continue
-            texts[d.index] = texts.get(d.index, "") + text
+            key = (d.index, d.sample)
+            texts[key] = texts.get(key, "") + text
             if d.finish_reason is not None:  # several: print each as it finishes
-                print(f"--- [{d.index}] {prompts[d.index]!r} ({d.finish_reason})\n{texts[d.index]}", flush=True)
-    except jaxinfer.InvalidRequestError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+                label = f"[{d.index}]" + (f" sample {d.sample}" if args.n > 1 else "")
+                print(f"--- {label} {prompts[d.index]!r} ({d.finish_reason})\n{texts[key]}", flush=True)
+    outs = stream.outputs
     elapsed = time.perf_counter() - start
     print(f"\n[jaxinfer] {n_tokens} tokens in {elapsed:.2f}s (including compilation)", file=sys.stderr)
+    for out in outs:
+        for sample in out.samples:
+            if sample.finish_reason == "length" and len(sample.token_ids) < args.max_tokens:
+                print(f"[jaxinfer] note: request {out.request_id} sample {sample.index} was cut at --max-seq-len "
+                      f"{args.max_seq_len} (prompt {len(out.prompt_token_ids)} + {len(sample.token_ids)} tokens, "
+                      f"before --max-tokens {args.max_tokens}); raise --max-seq-len for longer output",
+                      file=sys.stderr)
+            if args.logprobs is not None:
+                for tid, lp in zip(sample.token_ids, sample.logprobs):
+                    top = ", ".join(f"{k}: {v:.3f}" for k, v in sorted(lp.items(), key=lambda kv: -kv[1]))
+                    print(f"[jaxinfer] logprobs {tid}: {lp[tid]:.4f}  (top: {top})", file=sys.stderr)
     if args.verbose:
         st = jaxinfer.aot.steps().stats
         print(f"[jaxinfer] programs: {st['compiled']} compiled ({st['compile_seconds']:.2f}s), "
@@ -78,33 +102,95 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="jaxinfer", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+# ---------------------------------------------------------------------------- argument types
+def _number(kind, lo=None, hi=None, lo_open=False, what=""):
+    """An argparse type: `kind` (int/float) within bounds; a bad value is argparse's one-line error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if value != value or (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+    return parse
+
+
+def _checkpoint_dir(text: str) -> str:
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"no checkpoint directory at {text}")
+    if not (Path(text) / "config.json").is_file():
+        raise argparse.ArgumentTypeError(f"{text} has no config.json (expected a Hugging Face checkpoint directory)")
+    return text
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxinfer", description=__doc__, formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate text, streamed to stdout")
-    g.add_argument("--model", help="Hugging Face checkpoint directory (default: built-in, see above)")
-    g.add_argument("--preset", help="random weights with a named preset's shapes instead of --model")
+    g = sub.add_parser("generate", help="generate text, streamed to stdout", formatter_class=_HelpFormatter,
+                       description="Generate from one or more prompts; every flag shows its default.")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--model", type=_checkpoint_dir, help="Hugging Face checkpoint directory (default: built-in)")
+    src.add_argument("--preset", choices=sorted(jaxinfer.PRESETS), help="random weights with a preset's shapes")
     g.add_argument("--prompt", action="append", help=f"prompt text; repeat for several (default {DEFAULT_PROMPT!r})")
-    g.add_argument("--max-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights")
-    g.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="activations and KV cache (default: --dtype; on CPU, bfloat16 weights run fastest "
-                        "with float32 compute)")
-    g.add_argument("--slots", type=int, default=4)
-    g.add_argument("--page-size", type=int, default=16)
-    g.add_argument("--num-pages", type=int, default=256)
-    g.add_argument("--max-seq-len", type=int, default=512)
-    g.add_argument("--verbose", action="store_true", help="print the bucket plan and what was compiled")
-    g.add_argument("--precompile", action="store_true", help="compile every program of the bucket plan first")
+    s = g.add_argument_group("sampling")
+    s.add_argument("--max-tokens", type=_number(int, 1, what="an integer >= 1"), default=128, help="tokens to generate at most")
+    s.add_argument("--temperature", type=_number(float, 0, what="a number >= 0 (0 = greedy)"), default=0.0,
+                   help="0: greedy")
+    s.add_argument("--top-k", type=_number(int, what="an integer"), default=0, help="<= 0: off")
+    s.add_argument("--top-p", type=_number(float, 0, 1, lo_open=True, what="a number in (0, 1]"), default=1.0,
+                   help="nucleus sampling; 1: off")
+    s.add_argument("--min-p", type=_number(float, 0, 1, what="a number in [0, 1]"), default=0.0,
+                   help="min-p sampling; 0: off")
+    s.add_argument("--seed", type=_number(int, 0, 2**32 - 1, what="an integer in [0, 2**32)"), default=None,
+                   help="sampling seed (None: a fresh one)")
+    s.add_argument("--n", type=_number(int, 1, what="an integer >= 1"), default=1, help="samples per prompt")
+    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    s.add_argument("--stop-token-id", action="append", default=[], type=_number(int, 0, what="a token id >= 0"),
+                   help="stop token id (repeatable)")
+    s.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's EOS")
+    s.add_argument("--min-tokens", type=_number(int, 0, what="an integer >= 0"), default=0,
+                   help="no stop before this many tokens")
+    s.add_argument("--repetition-penalty", type=_number(float, 0, lo_open=True, what="a number > 0"), default=1.0,
+                   help="1: off")
+    s.add_argument("--presence-penalty", type=_number(float, -2, 2, what="a number in [-2, 2]"), default=0.0,
+                   help="0: off")
+    s.add_argument("--frequency-penalty", type=_number(float, -2, 2, what="a number in [-2, 2]"), default=0.0,
+                   help="0: off")
+    s.add_argument("--logprobs", type=_number(int, 0, 20, what="an integer in [0, 20]"), default=None,
+                   help="print each token's logprob and the top K")
+    e = g.add_argument_group("engine")
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights")
+    e.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="activations and KV cache (default: --dtype; on CPU, bfloat16 weights run fastest with "
+                        "float32 compute)")
+    e.add_argument("--slots", type=_number(int, 1, what="an integer >= 1"), default=4,
+                   help="requests decoded together")
+    e.add_argument("--page-size", type=_number(int, 1, what="an integer >= 1"), default=16,
+                   help="tokens per KV page")
+    e.add_argument("--num-pages", type=_number(int, 2, what="an integer >= 2"), default=256,
+                   help="KV pages in the pool")
+    e.add_argument("--max-seq-len", type=_number(int, 2, what="an integer >= 2"), default=512,
+                   help="prompt + output tokens at most")
+    e.add_argument("--verbose", action="store_true", help="print the bucket plan and what was compiled")
+    e.add_argument("--precompile", action="store_true", help="compile every program of the bucket plan first")
     g.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (jaxinfer.JaxinferError, FileNotFoundError, ValueError) as e:
+        # Everything the user can fix gets one line (the traceback is for bugs, not bad input).
+        print(f"jaxinfer: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from typing import Any, Iterator, NamedTuple
 import jax
 import ml_dtypes  # noqa: F401  registers bfloat16 with numpy, so safe_open(framework="numpy") reads bf16
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.errors import CheckpointError
@@ -135,12 +135,16 @@ def open_checkpoint(path: Path, files: list[Path]) -> Iterator[Found]:
         found: Found = {}
         duplicated = []
         for file in files:
-            handle = stack.enter_context(safe_open(str(file), framework="numpy"))
-            for name in handle.keys():
-                if name in found:
-                    duplicated.append(f"{name} (in {file.name})")
-                info = handle.get_slice(name)
-                found[name] = (handle, info.get_shape(), info.get_dtype())
+            try:
+                handle = stack.enter_context(safe_open(str(file), framework="numpy"))
+                for name in handle.keys():
+                    if name in found:
+                        duplicated.append(f"{name} (in {file.name})")
+                    info = handle.get_slice(name)
+                    found[name] = (handle, info.get_shape(), info.get_dtype())
+            except (SafetensorError, OSError) as e:  # truncated file, corrupt header, unreadable
+                raise CheckpointError(f"{file} is not a readable safetensors file ({e}); "
+                                      "expected a complete file as written by safetensors") from e
         if duplicated:
             raise CheckpointError(f"checkpoint {path}: tensors stored in more than one shard: {duplicated}")
         yield found
@@ -183,6 +187,11 @@ def check_tensors(found: Found, expected: dict[str, ExpectedTensor], config: Mod
         )
 
 
+def _is_float(dtype: np.dtype) -> bool:
+    """NumPy floats plus ml_dtypes' (bfloat16, float8_*), whose kind is 'V'."""
+    return dtype.kind == "f" or dtype.name.startswith(("bfloat16", "float8"))
+
+
 def load_dense(found: Found, specs: dict[str, TensorSpec], num_layers: int, dtype, params: dict, bar) -> None:
     """Read the tensors in `specs` from the open handles in `found` into `params` (stacked layers
     under params["layers"]), one host buffer per destination parameter, so peak host memory is
@@ -196,7 +205,15 @@ def load_dense(found: Found, specs: dict[str, TensorSpec], num_layers: int, dtyp
         shape = first.shape[::-1] if first.transpose else first.shape
         buf = np.empty((num_layers, *shape) if stacked else shape, dtype)
         for name, spec in members:
-            tensor = found[name][0].get_tensor(name)
+            try:
+                tensor = found[name][0].get_tensor(name)
+            except (SafetensorError, OSError) as e:  # header fine, data cut short
+                raise CheckpointError(f"{name}: cannot read its data ({e}); the safetensors file is "
+                                      "truncated or corrupt") from e
+            if _is_float(tensor.dtype) and not np.isfinite(tensor).all():
+                bad = "NaN" if np.isnan(tensor).any() else "inf"
+                raise CheckpointError(f"{name} contains {bad} values ({int((~np.isfinite(tensor)).sum())} of "
+                                      f"{tensor.size}); expected finite weights: the checkpoint is corrupt")
             # One copy that converts dtype and transposes.
             buf[spec.layer if stacked else ()] = tensor.T if spec.transpose else tensor
             del tensor

@@ -430,5 +430,11 @@ def load_config(path: str | Path) -> ModelConfig:
     file = path / "config.json" if path.is_dir() else path
     if not file.exists():
         raise FileNotFoundError(f"no config.json at {file}")
-    with open(file) as f:
-        return config_from_hf(json.load(f))
+    try:
+        with open(file) as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{file} is not valid JSON ({e}); expected the checkpoint's config.json object") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file} must hold a JSON object of config fields, got {type(raw).__name__}")
+    return config_from_hf(raw)

@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import numbers
+import signal
+import threading
 import time
 import typing
-from typing import Iterable, Iterator, Sequence as Seq
+from typing import Iterable, Sequence as Seq
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +67,8 @@ class Engine:
     prefill batching.
     `profile`: block on every jitted call and time it; `engine.profile()` reports the time
     per step function (without it, host and device work overlap and nothing is timed).
+    `allow_long_context`: accept a max_seq_len beyond the model's max_position_embeddings
+    (refused by default, as vLLM does).
     `precompile`: True compiles every program of `bucket_plan()` now; "background" on a worker
     thread while the engine serves (a program it needs first is compiled on the spot); False
     only when first needed; None (default): load, in the background, the programs of the plan
@@ -72,6 +77,7 @@ class Engine:
     than it saves; a background load does not).
     """
 
+    @typing.no_type_check  # the explicit checks below name the argument and what was expected
     def __init__(
         self,
         model: Model,
@@ -95,9 +101,24 @@ class Engine:
         batch_invariant: bool = False,
         profile: bool = False,
         precompile: bool | str | None = None,
+        allow_long_context: bool = False,
     ):
-        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+        if not isinstance(model, Model):
+            raise TypeError(f"Engine(model=...) must be a jaxinfer Model (jaxinfer.load_model / dummy_model), "
+                            f"got {type(model).__name__}{' ' + repr(model) if isinstance(model, str) else ''}")
+        if tokenizer is not None and not all(hasattr(tokenizer, a) for a in ("encode", "decode", "detokenizer")):
+            raise TypeError(f"Engine(tokenizer=...) must be None or a tokenizer (jaxinfer.load_tokenizer(dir), "
+                            f"ByteTokenizer()), got {type(tokenizer).__name__}"
+                            f"{' ' + repr(tokenizer) if isinstance(tokenizer, str) else ''}")
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, numbers.Integral)
+                                          or prefill_chunk < 1):
             raise ValueError(f"prefill_chunk must be None or an integer >= 1, got {prefill_chunk!r}")
+        if isinstance(max_seq_len, numbers.Integral) and max_seq_len > model.config.max_position_embeddings \
+                and not allow_long_context:
+            raise ValueError(
+                f"max_seq_len={max_seq_len} exceeds the model's max_position_embeddings "
+                f"({model.config.max_position_embeddings}): positions past it were never trained and RoPE "
+                f"extrapolates badly; lower max_seq_len or pass allow_long_context=True")
         # On the XLA (CPU) attention path the layers run as a Python loop over per-layer weights:
         # XLA:CPU copies a weight it reads out of a stacked array (see Model.unstacked).
         self.model = model.unstacked() if uses_views(attention_backend) else model
@@ -130,6 +151,10 @@ class Engine:
         self._counters = collections.Counter()
         self._live: dict[int, Request] = {}  # unfinished requests by id
         self._aborted: list[Sequence] = []  # aborted samples whose final delta is still due
+        # Delivery: every delta goes to its request's consumer (a stream() or generate() call);
+        # deltas of requests added with add_request() collect here and step() returns them.
+        self._unowned: collections.deque[StreamDelta] = collections.deque()
+        self._closed: collections.deque[_Consumer] = collections.deque()  # abandoned streams to abort
         self._profile = {} if profile else None  # step function -> [calls, seconds]
         self._steps = aot.steps()
         self._signature = aot.signature_key(self.model, self.state)
@@ -238,7 +263,28 @@ class Engine:
 
     # ------------------------------------------------------------------ one step
     def step(self) -> list[StreamDelta]:
-        """One scheduling iteration (see the module docstring); returns the new output."""
+        """One scheduling iteration (see the module docstring). Returns the new output of the
+        requests added with `add_request` (including output produced while a `generate` or
+        `stream` call drove the engine); output of `stream`/`generate` requests goes to those
+        calls. A Ctrl-C (SIGINT) arriving during the step is held until the step is complete, so
+        the engine is always left consistent (see `_deferred_sigint`)."""
+        self._advance()
+        out = list(self._unowned)
+        self._unowned.clear()
+        return out
+
+    def _advance(self) -> None:
+        """One step, its deltas delivered: to the request's consumer, dropped if that consumer is
+        gone, else (add_request) kept for `step()` to return."""
+        with _deferred_sigint():
+            self._close_abandoned()
+            for req, d in self._run_step():
+                if req.consumer is None:
+                    self._unowned.append(d)
+                elif not req.consumer.released:
+                    req.consumer.queue.append(d)
+
+    def _run_step(self) -> list[tuple[Request, StreamDelta]]:
         batch, lengths = self._schedule()
         if batch:
             self._run_admit(batch)
@@ -332,7 +378,7 @@ class Engine:
             out.append((seq, ok))
         return out
 
-    def _hand_out(self, prefills, forks, dec) -> list[StreamDelta]:
+    def _hand_out(self, prefills, forks, dec) -> list[tuple[Request, StreamDelta]]:
         pre_res, fork_ok, dec, active, finished, reason = jax.device_get(
             ([r for r, _ in prefills], [ok for _, ok in forks], dec, self.state.active, self.state.finished,
              self.state.finish_reason)
@@ -366,10 +412,11 @@ class Engine:
                 touched[id(self.scheduler.finished(s))] = seq
                 done.append(s)
         self._evict(done)  # the next step's work queues behind it on device
+        deltas = [(seq.req, seq.take_delta(now)) for seq in touched.values()]
         for seq in touched.values():
             if seq.req.out.finished:
                 self._live.pop(seq.req.rid, None)
-        return [seq.take_delta(now) for seq in touched.values()]
+        return deltas
 
     # ------------------------------------------------------------------ user API
     def _make(self, prompt, params) -> Request:
@@ -378,21 +425,25 @@ class Engine:
         self._next_id += 1
         return req
 
-    def _queue(self, reqs: list[Request]) -> None:
-        self.scheduler.waiting.extend(r.seqs[0] for r in reqs)
-        self._live.update((r.rid, r) for r in reqs)
+    def _queue(self, reqs: list[Request], consumer: _Consumer | None = None) -> None:
+        with _deferred_sigint():  # all of the requests are queued, or none
+            for r in reqs:
+                r.consumer = consumer
+            self.scheduler.waiting.extend(r.seqs[0] for r in reqs)
+            self._live.update((r.rid, r) for r in reqs)
 
     @typing.no_type_check  # make_request's validation gives the user a specific message
     def add_request(self, prompt, params: SamplingParams | None = None) -> int:
-        """Queue one request; returns its id. Bad input raises InvalidRequestError and leaves the
-        engine (and every other request) untouched."""
+        """Queue one request; returns its id. Its output comes back from `step()`. Bad input
+        raises InvalidRequestError and leaves the engine (and every other request) untouched."""
         req = self._make(prompt, params if params is not None else SamplingParams())
         self._queue([req])
         return req.rid
 
     def _add_all(self, prompts, params) -> list[Request]:
-        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):
-            raise InvalidRequestError("prompts must be a list of prompts (strings or token-id lists)")
+        if isinstance(prompts, (str, bytes, bytearray, dict, set, frozenset)) or not isinstance(prompts, Iterable):
+            raise InvalidRequestError(
+                f"prompts must be a list of prompts (strings or token-id lists), got {type(prompts).__name__}")
         prompts = list(prompts)
         if params is None:
             params = SamplingParams()
@@ -406,48 +457,70 @@ class Engine:
                 reqs.append(self._make(p, sp))
             except InvalidRequestError as e:
                 raise InvalidRequestError(f"request {i}: {e}") from None
-        self._queue(reqs)
         return reqs
 
     def abort(self, request_id: int) -> bool:
         """Stop a request (every sample) now: waiting samples leave the queue, running ones free
         their slots. Unfinished samples finish with reason "abort"; their final deltas come with
         the next `step()`. Returns False if the id is unknown or the request already finished."""
-        req = self._live.pop(request_id, None)
-        if req is None:
-            return False
-        waiting = self.scheduler.waiting
-        for seq in [s for s in waiting if s.req is req]:
-            waiting.remove(seq)
-        self._vacate(req.seqs)
-        for seq in req.seqs:
-            if not seq.finished:
-                seq.out.finish_reason = "abort"
-                self._aborted.append(seq)
-        return True
+        with _deferred_sigint():
+            req = self._live.pop(request_id, None)
+            if req is None:
+                return False
+            waiting = self.scheduler.waiting
+            for seq in [s for s in waiting if s.req is req]:
+                waiting.remove(seq)
+            self._vacate(req.seqs)
+            for seq in req.seqs:
+                if not seq.finished:
+                    seq.out.finish_reason = "abort"
+                    self._aborted.append(seq)
+            return True
+
+    def _release(self, consumer: _Consumer) -> None:
+        """A consumer is gone (stream closed or dropped, generate interrupted): abort what it still
+        has in flight; its undelivered and later deltas are dropped."""
+        consumer.released = True
+        consumer.queue.clear()
+        for r in consumer.requests:
+            if not r.out.finished:
+                self.abort(r.rid)
+
+    def _close_abandoned(self) -> None:
+        while self._closed:
+            self._release(self._closed.popleft())
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self._aborted)
 
-    def stream(self, prompts, params=None) -> Iterator[StreamDelta]:
-        """Yield per-sample deltas as soon as tokens reach the host. `delta.index` is the
-        prompt's position in `prompts`, `delta.sample` the sample (n > 1)."""
+    def stream(self, prompts, params=None) -> Stream:
+        """Queue the prompts now (bad input raises here) and return an iterator of their deltas
+        as tokens reach the host: `delta.index` is the prompt's position in `prompts`,
+        `delta.sample` the sample (n > 1). Iterating drives the engine (`step()`) whenever none
+        of this stream's deltas is waiting; every consumer gets exactly its own deltas, so several
+        streams, `generate` calls and `add_request` users can interleave on one engine. Closing
+        the stream (`close()`, `with`, leaving the `for` loop, or dropping it) aborts its
+        unfinished requests and frees their pages."""
         reqs = self._add_all(prompts, params)
-        index = {r.rid: i for i, r in enumerate(reqs)}
-        by_id = {r.rid: r for r in reqs}
-        remaining = set(index)
-        while remaining:
-            for d in self.step():
-                if d.request_id in index:
-                    if by_id[d.request_id].out.finished:
-                        remaining.discard(d.request_id)
-                    yield dataclasses.replace(d, index=index[d.request_id])
+        consumer = _Consumer(reqs)
+        self._queue(reqs, consumer)
+        return Stream(self, consumer)
 
     def generate(self, prompts, params=None) -> list[RequestOutput]:
-        """Run the prompts to completion; outputs in prompt order."""
+        """Run the prompts to completion; outputs in prompt order. If the call is interrupted
+        (KeyboardInterrupt, an exception), its unfinished requests are aborted: the engine stays
+        clean and keeps serving."""
         reqs = self._add_all(prompts, params)
-        while not all(r.out.finished for r in reqs):
-            self.step()
+        consumer = _Consumer(reqs)
+        with _deferred_sigint() as held:  # Ctrl-C lands only at held.poll(), between steps
+            self._queue(reqs, consumer)
+            try:
+                while not all(r.out.finished for r in reqs):
+                    held.poll()
+                    self._advance()
+                    consumer.queue.clear()  # generate returns whole outputs, not deltas
+            finally:
+                self._release(consumer)
         return [r.out for r in reqs]
 
     def run_until_idle(self) -> None:
@@ -474,3 +547,105 @@ class Engine:
             "running": sum(s is not None for s in self.scheduler.slots),
             "waiting": len(self.scheduler.waiting),
         }
+
+
+class _Consumer:
+    """One `stream()` or `generate()` call: its requests and the deltas waiting for it."""
+
+    def __init__(self, requests: list[Request]):
+        self.requests = requests
+        self.index = {r.rid: i for i, r in enumerate(requests)}
+        self.queue: collections.deque[StreamDelta] = collections.deque()
+        self.released = False  # closed, dropped or interrupted: deltas for it are dropped
+
+    @property
+    def finished(self) -> bool:
+        return all(r.out.finished for r in self.requests)
+
+
+class Stream:
+    """The iterator `Engine.stream` returns; see there. Also a context manager."""
+
+    def __init__(self, engine: Engine, consumer: _Consumer):
+        self._engine, self._consumer, self._closed = engine, consumer, False
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> StreamDelta:
+        c = self._consumer
+        while not c.queue:
+            if self._closed or c.finished:
+                self.close()
+                raise StopIteration
+            self._engine._advance()
+        d = c.queue.popleft()
+        return dataclasses.replace(d, index=c.index[d.request_id])
+
+    @property
+    def outputs(self) -> list[RequestOutput]:
+        """The requests' outputs so far, in prompt order (complete once the stream is exhausted)."""
+        return [r.out for r in self._consumer.requests]
+
+    def close(self) -> None:
+        """Abort this stream's unfinished requests (their pages are freed) and stop iterating."""
+        if not self._closed:
+            self._closed = True
+            self._engine._release(self._consumer)
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        # Dropped without close(): the engine aborts its requests at its next step (not here: a
+        # garbage collection can run in the middle of any engine call).
+        if not getattr(self, "_closed", True):
+            self._closed = True
+            self._engine._closed.append(self._consumer)
+
+
+class _deferred_sigint:
+    """Hold a SIGINT (Ctrl-C) that arrives inside the block; deliver it at `poll()` or when the
+    block ends.
+
+    The engine's steps donate the state: a KeyboardInterrupt that landed between a jitted call
+    and the assignment of its result would leave the engine holding deleted buffers ("Buffer
+    has been deleted or donated"), and one between fetching a burst's tokens and handing them
+    out would lose tokens. So every engine operation is atomic with respect to Ctrl-C; the
+    interrupt is raised right after it (the original handler runs then). `generate` holds it
+    for its whole call and polls between steps, so its clean-up cannot itself be interrupted.
+    Only the main thread receives signals, so elsewhere this does nothing; blocks nest (the
+    outermost one holds and delivers)."""
+
+    _depth = 0  # main-thread nesting
+
+    def __enter__(self):
+        self.active = threading.current_thread() is threading.main_thread() and not _deferred_sigint._depth
+        if self.active:
+            self.caught = []
+            self.previous = signal.signal(signal.SIGINT, lambda signum, frame: self.caught.append((signum, frame)))
+            _deferred_sigint._depth = 1
+        return self
+
+    def poll(self) -> None:
+        """Raise a held interrupt now (the original handler runs), at a point chosen by the caller."""
+        if self.active and self.caught:
+            self._deliver(self.caught.pop())
+            self.caught.clear()
+
+    def _deliver(self, caught) -> None:
+        if callable(self.previous):
+            self.previous(*caught)  # default_int_handler raises KeyboardInterrupt here
+        elif self.previous == signal.SIG_DFL:
+            signal.raise_signal(signal.SIGINT)  # (only after the handler is restored)
+
+    def __exit__(self, *exc):
+        if self.active:
+            _deferred_sigint._depth = 0
+            signal.signal(signal.SIGINT, self.previous)
+            if self.caught:
+                self._deliver(self.caught[0])
+        return False

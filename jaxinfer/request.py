@@ -9,6 +9,7 @@ Nothing here touches the device: the engine passes in what a step produced.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import typing
 
 import numpy as np
@@ -79,6 +80,7 @@ class Request:
     params: SamplingParams
     out: RequestOutput
     seqs: list[Sequence] = dataclasses.field(default_factory=list)
+    consumer: object | None = None  # the engine's stream()/generate() call that receives its deltas
 
 
 @dataclasses.dataclass(eq=False)
@@ -180,8 +182,11 @@ def logprob_dict(token: int, logprob, top_ids, top_logprobs, k: int) -> dict[int
 
 
 def tokenize(prompt, tokenizer, add_bos: bool) -> list[int]:
-    """Token ids of a prompt: a string (encoded; BOS prepended when the tokenizer does not add it
-    and `add_bos`) or a sequence of integers (used as given)."""
+    """Token ids of a prompt: a `str` (encoded; BOS prepended when the tokenizer does not add it
+    and `add_bos`), or a list / tuple / 1-D integer NumPy array of integer ids (used as given;
+    NumPy integer scalars are fine). Anything else is an InvalidRequestError naming what it got:
+    bytes (a byte string is not a token list, even though it iterates as ints), dicts, sets,
+    bools or numeric strings inside a token list, non-integral or float ids."""
     if isinstance(prompt, str):
         if tokenizer is None:
             raise InvalidRequestError("a text prompt needs a tokenizer; pass token ids or Engine(tokenizer=...)")
@@ -192,13 +197,19 @@ def tokenize(prompt, tokenizer, add_bos: bool) -> list[int]:
         if add_bos and bos is not None and ids[:1] != [bos]:
             ids = [bos] + ids
         return ids
-    try:
-        ids = [int(t) for t in prompt]
-    except (TypeError, ValueError):
-        raise InvalidRequestError(f"a prompt must be a string or a sequence of ints, got {type(prompt).__name__}") from None
-    if any(not float(t).is_integer() for t in prompt):
-        raise InvalidRequestError("token ids must be integers")
-    return ids
+    if isinstance(prompt, np.ndarray):
+        if prompt.ndim != 1 or not (np.issubdtype(prompt.dtype, np.integer) or prompt.size == 0):
+            raise InvalidRequestError(
+                f"a token-id array prompt must be 1-D of an integer dtype, got {prompt.dtype}{list(prompt.shape)}")
+        return [int(t) for t in prompt]
+    if not isinstance(prompt, (list, tuple)):
+        raise InvalidRequestError(
+            f"a prompt must be a string or a list of integer token ids, got {type(prompt).__name__}")
+    for i, t in enumerate(prompt):
+        if isinstance(t, (bool, np.bool_)) or not isinstance(t, numbers.Integral):
+            raise InvalidRequestError(
+                f"token ids must be integers: position {i} of the prompt is {t!r} ({type(t).__name__})")
+    return [int(t) for t in prompt]
 
 
 @typing.no_type_check  # explicit validation below gives the user a specific message

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import typing
 from typing import Sequence
 
@@ -68,55 +69,118 @@ class SamplingParams:
     n: int = 1
 
     def __post_init__(self):
-        # A lone string is one stop string (as vLLM and OpenAI accept it), not its characters.
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
+        """Normalise, then validate (a frozen dataclass: values are replaced in place).
+
+        Accepted with conversion: NumPy integer / floating scalars and 0-d arrays (np.int64(8),
+        np.float32(0.5)) become Python numbers; integers are accepted for float fields; a lone
+        string `stop` is one stop string (as vLLM and OpenAI accept it); NumPy bools for
+        `ignore_eos`. Rejected with an InvalidRequestError naming the field: bools where a number
+        is expected (temperature=True), strings where a number is expected ("5"), non-integral
+        floats where an integer is expected, integers beyond int32 (they live in int32 arrays on
+        the device), a `stop_token_ids` that is not a list/tuple/array of integer ids, and a
+        `stop` that is not a string or a list of non-empty strings."""
+        for field, kind in _FIELD_KINDS.items():
+            value = getattr(self, field)
+            object.__setattr__(self, field, _normalise(field, value, kind))
         self.validate()
 
     def validate(self, vocab_size: int | None = None, max_logprobs: int | None = None) -> None:
+        """Range checks (types are normalised at construction); `vocab_size` and `max_logprobs`
+        are the engine's, when it checks a request against its model."""
         def bad(field, value, expected):
             raise InvalidRequestError(f"SamplingParams.{field} = {value!r} is invalid: expected {expected}")
 
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            bad("max_tokens", self.max_tokens, "an integer >= 1")
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
+        # Types as __post_init__ leaves them (a field changed behind its back is caught here).
+        for field, kind in _FIELD_KINDS.items():
+            v = getattr(self, field)
+            ok = {"int": lambda: type(v) is int, "int?": lambda: v is None or type(v) is int,
+                  "float": lambda: type(v) in (int, float), "bool": lambda: type(v) is bool,
+                  "ids": lambda: isinstance(v, tuple) and all(type(t) is int for t in v),
+                  "strings": lambda: isinstance(v, tuple) and all(isinstance(x, str) and x for x in v)}[kind]()
+            if not ok:
+                bad(field, v, {"int": "an integer", "int?": "None or an integer", "float": "a number",
+                               "bool": "True or False", "ids": "a tuple of integer token ids",
+                               "strings": "a tuple of non-empty strings"}[kind])
+        if not 1 <= self.max_tokens <= INT32_MAX:
+            bad("max_tokens", self.max_tokens, f"an integer in [1, {INT32_MAX}]")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
             bad("temperature", self.temperature, "a finite number >= 0 (0 = greedy)")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
-            bad("top_k", self.top_k, "an integer (<= 0 disables top-k)")
-        if not isinstance(self.top_p, (int, float)) or not (0 < self.top_p <= 1):
+        if not -INT32_MAX <= self.top_k <= INT32_MAX:
+            bad("top_k", self.top_k, f"an integer in [-{INT32_MAX}, {INT32_MAX}] (<= 0 disables top-k)")
+        if not 0 < self.top_p <= 1:
             bad("top_p", self.top_p, "a number in (0, 1]")
-        if not isinstance(self.min_p, (int, float)) or not (0 <= self.min_p <= 1):
+        if not 0 <= self.min_p <= 1:
             bad("min_p", self.min_p, "a number in [0, 1]")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32):
+        if self.seed is not None and not 0 <= self.seed < 2**32:
             bad("seed", self.seed, "None or an integer in [0, 2**32)")
-        if not isinstance(self.ignore_eos, bool):
-            bad("ignore_eos", self.ignore_eos, "a bool")
         for t in self.stop_token_ids:
-            if isinstance(t, bool) or not isinstance(t, int) or t < 0 or (vocab_size is not None and t >= vocab_size):
+            if t < 0 or (vocab_size is not None and t >= vocab_size) or t > INT32_MAX:
                 bad("stop_token_ids", list(self.stop_token_ids), f"token ids in [0, {vocab_size or 'vocab_size'})")
-        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
-        if not number(self.repetition_penalty) or self.repetition_penalty <= 0:
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
             bad("repetition_penalty", self.repetition_penalty, "a finite number > 0 (1 = off)")
         for field in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, field)
-            if not number(v) or not -2 <= v <= 2:
+            if not -2 <= v <= 2:
                 bad(field, v, "a number in [-2, 2] (0 = off)")
-        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+        if not 0 <= self.min_tokens <= INT32_MAX:
             bad("min_tokens", self.min_tokens, "an integer >= 0")
-        elif isinstance(self.max_tokens, int) and self.min_tokens > self.max_tokens:
+        elif self.min_tokens > self.max_tokens:
             bad("min_tokens", self.min_tokens, f"at most max_tokens ({self.max_tokens})")
         for field in ("logprobs", "prompt_logprobs"):
             v = getattr(self, field)
             top = "max_logprobs" if max_logprobs is None else max_logprobs
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0
-                                  or (max_logprobs is not None and v > max_logprobs)):
+            if v is not None and (v < 0 or (max_logprobs is not None and v > max_logprobs) or v > INT32_MAX):
                 bad(field, v, f"None or an integer in [0, {top}] (the engine's max_logprobs)")
-        if isinstance(self.stop, (str, bytes)) or not isinstance(self.stop, (list, tuple)) or not all(
-            isinstance(x, str) and x for x in self.stop
-        ):
-            bad("stop", self.stop, "a list of non-empty strings")
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+        if not 1 <= self.n <= INT32_MAX:
             bad("n", self.n, "an integer >= 1")
+
+
+INT32_MAX = 2**31 - 1
+# How each field is normalised: "int", "float", "bool", "int?" (None allowed), "ids", "strings".
+_FIELD_KINDS = {
+    "max_tokens": "int", "temperature": "float", "top_k": "int", "top_p": "float", "min_p": "float",
+    "seed": "int?", "stop_token_ids": "ids", "ignore_eos": "bool", "repetition_penalty": "float",
+    "presence_penalty": "float", "frequency_penalty": "float", "min_tokens": "int", "logprobs": "int?",
+    "prompt_logprobs": "int?", "stop": "strings", "n": "int",
+}
+
+
+def _normalise(field: str, value, kind: str):
+    """One field's value as the plain Python type the engine uses, or InvalidRequestError."""
+    def bad(expected):
+        raise InvalidRequestError(
+            f"SamplingParams.{field} = {value!r} ({type(value).__name__}) is invalid: expected {expected}")
+
+    if kind == "int?" and value is None:
+        return None
+    if isinstance(value, np.ndarray) and value.ndim == 0 and kind in ("int", "int?", "float", "bool"):
+        value = value[()]
+    if kind in ("int", "int?"):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+            bad("an integer" + (" or None" if kind == "int?" else ""))
+        return int(value)
+    if kind == "float":
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+            bad("a number")
+        return float(value)
+    if kind == "bool":
+        if not isinstance(value, (bool, np.bool_)):
+            bad("True or False")
+        return bool(value)
+    if kind == "ids":
+        if isinstance(value, np.ndarray) and value.ndim == 1 and np.issubdtype(value.dtype, np.integer):
+            return tuple(int(v) for v in value)
+        if not isinstance(value, (list, tuple)):
+            bad("a list of integer token ids")
+        if any(isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral) for v in value):
+            bad("a list of integer token ids")
+        return tuple(int(v) for v in value)
+    # "strings"
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(x, str) and x for x in value):
+        bad("a string or a list of non-empty strings")
+    return tuple(value)
 
 
 def _filter_and_draw(

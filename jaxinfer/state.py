@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import typing
 
 import flax.struct
 import jax
@@ -57,6 +59,7 @@ def default_buckets(max_seq_len: int, smallest: int = 32, factor: int = 4) -> tu
     return tuple(out)
 
 
+@typing.no_type_check  # __post_init__ checks every field and names it (TypeError / ValueError)
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """Static engine shapes: a jit static argument, so changing any of these recompiles.
@@ -90,11 +93,27 @@ class EngineConfig:
     decode_span_buckets: tuple[int, ...] = ()
 
     def __post_init__(self):
+        # Sizes: integers (NumPy integers converted), never bools or floats: TypeError naming the
+        # field for the wrong type, ValueError for a wrong value.
+        for name in ("max_slots", "page_size", "num_pages", "max_seq_len", "max_stop_ids", "decode_steps",
+                     "max_logprobs", "max_prefill_batch"):
+            value = getattr(self, name)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"EngineConfig.{name} must be an integer, got {value!r} ({type(value).__name__})")
+            object.__setattr__(self, name, int(value))
         for name in ("max_slots", "page_size", "num_pages", "max_seq_len", "max_stop_ids", "decode_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"EngineConfig.{name} must be positive, got {getattr(self, name)}")
-        if isinstance(self.max_logprobs, bool) or not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
+        if self.max_logprobs < 0:
             raise ValueError(f"EngineConfig.max_logprobs must be an integer >= 0, got {self.max_logprobs!r}")
+        for name in ("prefill_buckets", "decode_slot_buckets", "decode_span_buckets"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not all(
+                    isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)) for v in value):
+                raise TypeError(f"EngineConfig.{name} must be a sequence of integers, got {value!r}")
+            object.__setattr__(self, name, tuple(int(v) for v in value))
+        if not isinstance(self.prefix_caching, (bool, np.bool_)):
+            raise TypeError(f"EngineConfig.prefix_caching must be a bool, got {self.prefix_caching!r}")
         if self.num_pages < 2:
             raise ValueError("EngineConfig.num_pages must be >= 2 (page 0 is the reserved null page)")
         if not self.prefill_buckets:

@@ -16,6 +16,8 @@ from typing import Any, Protocol, SupportsInt, runtime_checkable
 
 import tokenizers
 
+from jaxinfer.errors import CheckpointError
+
 # Token ids as callers have them: lists of ints, or numpy/jax int arrays (whose items are not `int`).
 TokenIds = Iterable[SupportsInt]
 
@@ -130,7 +132,10 @@ class Tokenizer:
         tok_file = path / "tokenizer.json"
         if not tok_file.is_file():
             raise FileNotFoundError(f"no tokenizer.json in {path} (expected {tok_file})")
-        tok = tokenizers.Tokenizer.from_file(str(tok_file))
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(tok_file))
+        except Exception as e:  # tokenizers raises a bare Exception for malformed files
+            raise CheckpointError(f"{tok_file} is not a valid Hugging Face tokenizer.json: {e}") from e
         gen, tok_cfg, cfg = (
             _read_json(path / name) for name in ("generation_config.json", "tokenizer_config.json", "config.json")
         )
@@ -193,11 +198,23 @@ def load_tokenizer(path: str | Path) -> Tokenizer | None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """A JSON object file, {} when absent; CheckpointError naming the file when it is not one."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _ids(value: Any) -> list[int]:
     """A config's token id field (int, list of ints, or null) as a list."""
     if value is None:
         return []
-    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+    values = value if isinstance(value, list) else [value]
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+        raise CheckpointError(f"a special token id must be an integer or a list of integers, got {value!r}")
+    return [int(v) for v in values]

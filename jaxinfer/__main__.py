@@ -1,5 +1,6 @@
 """Command line: `python -m jaxinfer generate [--model DIR | --preset NAME] --prompt TEXT ...`
-streams text.
+streams text; `python -m jaxinfer serve [--model DIR] [--port 8000]` serves the OpenAI API
+(the "serve" extra).
 
 Without --model the built-in default is used: the real pretrained stories260K checkpoint when
 the shared test assets are next to the repository (../shared/assets/stories260K, or the
@@ -102,6 +103,30 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import logging  # noqa: I001 - only the server configures logging
+
+    try:  # the optional "serve" extra (FastAPI, uvicorn) is imported only to serve
+        from jaxinfer import server
+    except ImportError as e:
+        raise jaxinfer.ConfigError(f"serving needs the 'serve' extra: pip install -e \".[serve]\" ({e})") from e
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("jax", "absl"):  # their INFO lines are not about serving
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    model, tok, what = load(args.model, args.preset, args.dtype, args.compute_dtype)
+    name = args.served_model_name or (args.preset if args.preset else Path(args.model or jaxinfer.default_model_dir()
+                                                                          or "tiny").name)
+    template = server.load_chat_template(args.model or (None if args.preset else jaxinfer.default_model_dir()),
+                                         args.chat_template)
+    print(f"[jaxinfer] model: {what} ({model.config.num_params() / 1e6:.2f}M params), served as {name!r}",
+          file=sys.stderr)
+    engine = jaxinfer.Engine(model, max_slots=args.max_slots, page_size=args.page_size, num_pages=args.num_pages,
+                             max_seq_len=args.max_seq_len, tokenizer=tok, prefill_chunk=args.prefill_chunk,
+                             decode_steps=args.decode_steps, max_logprobs=args.max_logprobs)
+    server.run(engine, name, tok, template, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 # ---------------------------------------------------------------------------- argument types
 def _number(kind, lo=None, hi=None, lo_open=False, what=""):
     """An argparse type: `kind` (int/float) within bounds; a bad value is argparse's one-line error."""
@@ -179,6 +204,38 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--verbose", action="store_true", help="print the bucket plan and what was compiled")
     e.add_argument("--precompile", action="store_true", help="compile every program of the bucket plan first")
     g.set_defaults(func=cmd_generate)
+
+    v = sub.add_parser("serve", help="serve the OpenAI API over HTTP (the 'serve' extra)",
+                       formatter_class=_HelpFormatter,
+                       description="An OpenAI-compatible server: /v1/completions, /v1/chat/completions, "
+                                   "/v1/models, /health, /metrics. Stops cleanly on SIGINT/SIGTERM.")
+    src = v.add_mutually_exclusive_group()
+    src.add_argument("--model", type=_checkpoint_dir, help="Hugging Face checkpoint directory (default: built-in)")
+    src.add_argument("--preset", choices=sorted(jaxinfer.PRESETS), help="random weights with a preset's shapes")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    v.add_argument("--port", type=_number(int, 0, 65535, what="a port in [0, 65535]"), default=8000, help="TCP port")
+    v.add_argument("--served-model-name", default=None,
+                   help="the `model` clients send (default: the checkpoint directory's name or the preset)")
+    v.add_argument("--chat-template", default=None, help="a jinja2 chat template file (default: the checkpoint's)")
+    v.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="debug also logs one line per engine step")
+    e = v.add_argument_group("engine")
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights")
+    e.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="activations and KV cache (default: --dtype)")
+    e.add_argument("--max-slots", type=_number(int, 1, what="an integer >= 1"), default=16,
+                   help="requests decoded together")
+    e.add_argument("--page-size", type=_number(int, 1, what="an integer >= 1"), default=16, help="tokens per KV page")
+    e.add_argument("--num-pages", type=_number(int, 2, what="an integer >= 2"), default=1024, help="KV pages in the pool")
+    e.add_argument("--max-seq-len", type=_number(int, 2, what="an integer >= 2"), default=512,
+                   help="prompt + output tokens at most")
+    e.add_argument("--prefill-chunk", type=_number(int, 1, what="an integer >= 1"), default=None,
+                   help="prompt tokens per prefill step (default: whole prompts)")
+    e.add_argument("--decode-steps", type=_number(int, 1, what="an integer >= 1"), default=8,
+                   help="decode steps per host sync")
+    e.add_argument("--max-logprobs", type=_number(int, 0, 20, what="an integer in [0, 20]"), default=20,
+                   help="the most top_logprobs a request may ask for")
+    v.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -440,6 +440,13 @@ class Engine:
         self._queue([req])
         return req.rid
 
+    def output(self, request_id: int) -> RequestOutput | None:
+        """The live output of an unfinished request (prompt_token_ids, samples so far); None
+        once it has finished (its final state came with its last deltas) or if unknown. The
+        engine keeps filling it in as it steps: read it from the thread that steps the engine."""
+        req = self._live.get(request_id)
+        return None if req is None else req.out
+
     def _add_all(self, prompts, params) -> list[Request]:
         if isinstance(prompts, (str, bytes, bytearray, dict, set, frozenset)) or not isinstance(prompts, Iterable):
             raise InvalidRequestError(

@@ -30,6 +30,9 @@ from jaxinfer.presets import PRESETS, default_model_dir, get_preset
 # Quantization.
 from jaxinfer.quant import quantize
 
+# ONNX export (onnx / jax2onnx are imported only when it runs: the optional "onnx" extra).
+from jaxinfer.onnx_export import export_onnx
+
 # Errors.
 from jaxinfer.errors import CheckpointError, ConfigError, InvalidRequestError, JaxinferError
 
@@ -53,6 +56,8 @@ __all__ = [
     "ModelConfig", "RopeConfig", "config_from_hf", "config_to_hf", "load_config", "PRESETS", "default_model_dir", "get_preset",
     # quantization
     "quantize",
+    # ONNX export
+    "export_onnx",
     # errors
     "CheckpointError", "ConfigError", "InvalidRequestError", "JaxinferError",
 ]

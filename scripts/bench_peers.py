@@ -1,15 +1,18 @@
-"""Peer runtimes for the CPU throughput benchmarks: llama.cpp and HF transformers serving the
-same token-id workload as jaxinfer (greedy, EOS ignored, every request exactly its length).
+"""Peer runtimes for the CPU throughput benchmarks: llama.cpp, HF transformers and ONNX Runtime
+serving the same token-id workload as jaxinfer (greedy, EOS ignored, every request exactly its
+length).
 
     python scripts/bench_peers.py --model ../shared/assets/stories260K --peers hf,llamacpp,llamacpp-bf16
+    python scripts/bench_peers.py --model ../shared/assets/stories260K --peers hf,onnxruntime --check
     python scripts/bench_peers.py --model benchmarks/tmp/llama21m --check
 
 Library use (the benchmark scripts import it as `import bench_peers`):
     llamacpp_available()  -> None, or a one-line reason llama.cpp cannot be used here
     run_llamacpp(model_dir, prompts, output_lens, n_parallel=16, threads=2, dtype="f32", workdir=...)
     run_hf(model_dir, prompts, output_lens, batch_size=16, threads=2)
-Both return {"tokens", "seconds", "output_tokens", "tok_per_s", ...}; "seconds" is the wall time
-of generation only (model load, GGUF conversion and a warm-up are excluded).
+    run_onnxruntime(model_dir_or_model, prompts, output_lens, batch_size=16, threads=2)
+All return {"tokens", "seconds", "output_tokens", "tok_per_s", ...}; "seconds" is the wall time
+of generation only (model load, GGUF / ONNX conversion and a warm-up are excluded).
 
 llama.cpp route: the low-level ctypes bindings of `llama-cpp-python` (which vendors llama.cpp and
 builds it from source), driving a continuous-batching loop the way llama.cpp's own server does:
@@ -39,6 +42,16 @@ HF route: transformers `generate`, requests in order in batches of `batch_size`,
 greedy, min_new_tokens = max_new_tokens = the batch's longest output, with the model's EOS id
 cleared for the call so that EOS neither stops nor is masked (see `hf_generate`); only each
 request's own tokens are counted (otherwise the same baseline as scripts/benchmark.py).
+
+ONNX Runtime route: the checkpoint exported once with `jaxinfer.export_onnx(kind="decode")` (the
+KV cache as explicit past_key_values / present inputs and outputs, optimum's layout; cached in
+the work dir by a hash of the checkpoint), run on the CPU execution provider with all graph
+optimisations, `threads` intra-op threads. The serving loop is the plain one optimum's
+`generate` runs (`jaxinfer.onnx_export.ort_generate`): requests in order in batches of
+`batch_size`, left padding + attention_mask, one call to prefill the batch with an empty past,
+then one call per token feeding the presents back, greedy argmax on the host; each batch runs to
+its longest output and each request keeps its own tokens (the HF route's accounting). Needs the
+"onnx" extra (`pip install -e ".[onnx]"`).
 """
 
 from __future__ import annotations
@@ -468,11 +481,89 @@ def hf_prompt_logits(hf, prompts: list[list[int]]) -> np.ndarray:
         return np.stack([hf(torch.tensor([p])).logits[0, -1].float().numpy() for p in prompts])
 
 
+# ---------------------------------------------------------------------------- ONNX Runtime
+def onnx_decode_model(model_dir_or_model, workdir=DEFAULT_WORKDIR) -> Path:
+    """The kind="decode" ONNX export of a checkpoint dir (cached in `workdir` by a hash of its
+    bytes) or of a jaxinfer Model (cached by a hash of its config and weights)."""
+    import jaxinfer
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if isinstance(model_dir_or_model, (str, Path)):
+        model_dir = Path(model_dir_or_model).resolve()
+        out = workdir / f"{model_dir.name}-{_checkpoint_hash(model_dir)}-decode.onnx"
+        model = None
+    else:
+        model = model_dir_or_model
+        h = hashlib.sha256(json.dumps(jaxinfer.config_to_hf(model.config), sort_keys=True).encode())
+        for leaf in _host_leaves(model.params):
+            h.update(np.ascontiguousarray(leaf).tobytes())
+        out = workdir / f"model-{h.hexdigest()[:16]}-decode.onnx"
+    if not out.exists():
+        if model is None:
+            model = jaxinfer.load_model(model_dir, dtype="float32")
+        tmp = out.with_name(out.stem + ".partial.onnx")
+        log(f"exporting {out.name} (jaxinfer.export_onnx, kind='decode')")
+        jaxinfer.export_onnx(model, tmp, kind="decode")
+        tmp.rename(out)  # atomic: a killed export never leaves a half file under the cached name
+    return out
+
+
+def _host_leaves(tree) -> list[np.ndarray]:
+    import jax
+
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def run_onnxruntime(model_dir_or_model, prompts: list[list[int]], output_lens: list[int], *, batch_size: int = 16,
+                    threads: int = 2, workdir=DEFAULT_WORKDIR) -> dict:
+    """ONNX Runtime (CPU EP) over the requests in order, `batch_size` at a time, through the
+    exported decode step (`onnx_export.ort_generate`: left padding, prefill call, one call per
+    token, greedy); each batch runs to its longest output and each request keeps its own
+    output_lens[i] tokens."""
+    import onnxruntime
+    from jaxinfer.onnx_export import ort_generate, ort_session
+
+    path = onnx_decode_model(model_dir_or_model, workdir)
+    sess = ort_session(path, threads=threads)
+    batches = [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
+    ort_generate(sess, [prompts[i] for i in batches[0]], 4)  # warm-up: allocator, thread pool
+    tokens: list[list[int]] = [[] for _ in prompts]
+    t0 = time.perf_counter()
+    for rows in batches:
+        out = ort_generate(sess, [prompts[i] for i in rows], max(output_lens[i] for i in rows))
+        for r, i in enumerate(rows):
+            tokens[i] = out[r][: output_lens[i]]
+    seconds = time.perf_counter() - t0
+    padded = sum(len(rows) * max(output_lens[i] for i in rows) for rows in batches)
+    return _result(tokens, prompts, seconds, peer="onnxruntime", threads=threads, batch_size=batch_size,
+                   generated_tokens_incl_padding=padded, onnx=str(path), onnxruntime_version=onnxruntime.__version__)
+
+
+def onnxruntime_prompt_logits(model_dir_or_model, prompts: list[list[int]], *, threads: int = 2,
+                              workdir=DEFAULT_WORKDIR) -> np.ndarray:
+    """Logits at each prompt's last position ([n, vocab]), each prompt alone through the exported
+    decode step with an empty past."""
+    from jaxinfer.onnx_export import ort_session, past_names
+
+    sess = ort_session(onnx_decode_model(model_dir_or_model, workdir), threads=threads)
+    pasts = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+    _, kvh, _, d = pasts[0].shape
+    out = []
+    for p in prompts:
+        n = len(p)
+        feed = {"input_ids": np.asarray([p], np.int64), "attention_mask": np.ones((1, n), np.int64),
+                "position_ids": np.arange(n, dtype=np.int64)[None],
+                **{name: np.zeros((1, kvh, 0, d), np.float32) for name in past_names(len(pasts) // 2)}}
+        out.append(sess.run(["logits"], feed)[0][0, -1])
+    return np.stack(out)
+
+
 # ---------------------------------------------------------------------------- CLI
 # llama.cpp peers: (weights dtype, KV-cache type, flash attention); None = `attention_settings`
 LLAMACPP_PEERS = {"llamacpp": ("f32", None, None), "llamacpp-bf16": ("bf16", None, None),
                   "llamacpp-stock": ("f32", "f16", "auto")}  # stock: llama.cpp's own context defaults
-PEERS = ("hf", *LLAMACPP_PEERS)
+PEERS = ("hf", *LLAMACPP_PEERS, "onnxruntime")
 
 
 def llamacpp_settings(peer: str, args) -> dict:
@@ -483,13 +574,16 @@ def llamacpp_settings(peer: str, args) -> dict:
 def run_peer(peer: str, args, prompts, output_lens, threads: int, hf_model=None) -> dict:
     if peer == "hf":
         return run_hf(args.model, prompts, output_lens, batch_size=args.n_parallel, threads=threads, model=hf_model)
+    if peer == "onnxruntime":
+        return run_onnxruntime(args.model, prompts, output_lens, batch_size=args.n_parallel, threads=threads,
+                               workdir=args.workdir)
     return run_llamacpp(args.model, prompts, output_lens, n_parallel=args.n_parallel, threads=threads,
                         workdir=args.workdir, **llamacpp_settings(peer, args))
 
 
 def check(args, vocab: int) -> dict:
-    """Greedy outputs of llama.cpp (each requested dtype) vs HF on the first requests of the
-    workload with short outputs, plus last-prompt-position logits of both."""
+    """Greedy outputs of llama.cpp (each requested dtype) and ONNX Runtime vs HF on the first
+    requests of the workload with short outputs, plus last-prompt-position logits of both."""
     prompts, lens = make_workload(vocab, args.check_requests, args.seed)
     lens = [min(n, args.check_output_len) for n in lens]
     hf = load_hf(args.model)
@@ -497,6 +591,16 @@ def check(args, vocab: int) -> dict:
     ref_logits = hf_prompt_logits(hf, prompts)
     report = {}
     for peer in [p for p in args.peers if p != "hf"]:
+        if peer == "onnxruntime":
+            got = run_peer(peer, args, prompts, lens, 1)
+            logits = onnxruntime_prompt_logits(args.model, prompts, threads=1, workdir=args.workdir)
+            diff = np.abs(logits - ref_logits).max() / np.abs(ref_logits).max()
+            r = report[peer] = {**agreement(got["tokens"], ref["tokens"]), "logits_max_rel_diff": float(diff),
+                                "first_token_same": float(np.mean(logits.argmax(1) == ref_logits.argmax(1)))}
+            print(f"onnxruntime (fp32, exported decode step) vs hf: {r['identical']:.0%} of {r['n']} sequences "
+                  f"identical (outputs <= {args.check_output_len}), mean common prefix {r['mean_common_prefix']:.0%};"
+                  f" last-prompt logits max |diff| / max |logit| {diff:.1e}")
+            continue
         settings = llamacpp_settings(peer, args)
         got = run_peer(peer, args, prompts, lens, 1)
         logits = llamacpp_prompt_logits(args.model, prompts, threads=1, workdir=args.workdir, **settings)
@@ -551,7 +655,7 @@ def parse_args(argv=None):
     ap.add_argument("--peers", default="hf,llamacpp", help=f"comma list of {', '.join(PEERS)}")
     ap.add_argument("--num-requests", type=int, default=48)
     ap.add_argument("--threads", default="1,2", help="comma list of thread counts; the best is reported")
-    ap.add_argument("--n-parallel", type=int, default=16, help="llama.cpp sequences = HF batch size")
+    ap.add_argument("--n-parallel", type=int, default=16, help="llama.cpp sequences = HF and ONNX Runtime batch size")
     ap.add_argument("--repeat", type=int, default=3, help="interleaved repeats; medians are reported")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--check", action="store_true", help="compare llama.cpp and HF greedy outputs instead")
@@ -561,7 +665,7 @@ def parse_args(argv=None):
                     "(default: the weights' dtype; llamacpp-stock: f16)")
     ap.add_argument("--llamacpp-flash-attn", choices=sorted(FLASH_ATTN), help="flash attention of every llama.cpp "
                     "peer (default: off for an f32 KV cache, else auto)")
-    ap.add_argument("--workdir", default=str(DEFAULT_WORKDIR), help="GGUF cache and converter sources")
+    ap.add_argument("--workdir", default=str(DEFAULT_WORKDIR), help="GGUF / ONNX cache and converter sources")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     args.peers = [p.strip() for p in args.peers.split(",") if p.strip()]

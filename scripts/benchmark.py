@@ -56,6 +56,8 @@ import dataclasses
 import json
 import math
 import os
+import shlex
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -318,6 +320,16 @@ def run_llamacpp(model_dir: str, wl: Workload, n_parallel: int, threads: int, dt
     return {"metrics": metrics, "tokens": r["tokens"], "requests": []}
 
 
+def run_onnxruntime(model_dir: str, wl: Workload, batch_size: int, threads: int) -> dict:
+    """ONNX Runtime serving the offline workload (bench_peers.run_onnxruntime: the exported decode
+    step in a plain batched loop, greedy, EOS ignored); throughput only (no per-token timestamps)."""
+    r = bench_peers.run_onnxruntime(model_dir, wl.prompts, wl.output_lens, batch_size=batch_size, threads=threads)
+    metrics = bench_metrics.throughput(len(wl.prompts), sum(wl.input_lens), sum(wl.output_lens), r["seconds"])
+    metrics.update(ttft_ms=None, tpot_ms=None, itl_ms=None, e2e_ms=None, threads=threads, batch_size=batch_size,
+                   generated_tokens_incl_padding=r["generated_tokens_incl_padding"])
+    return {"metrics": metrics, "tokens": r["tokens"], "requests": []}
+
+
 def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
     """Exact-match fraction of requests and mean fraction of the common greedy prefix."""
     same = sum(x == y for x, y in zip(a, b))
@@ -408,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--modes", default="continuous,static", help="comma list of continuous, static")
     ap.add_argument("--baseline", default="none",
                     help="comma list of peers run on the same workload: hf, llamacpp (f32), llamacpp-bf16 "
-                         "(llama.cpp through llama-cpp-python, see scripts/bench_peers.py); none")
+                         "(llama.cpp through llama-cpp-python), onnxruntime (the exported decode step on ORT's CPU "
+                         "EP; see scripts/bench_peers.py); none")
     ap.add_argument("--hf-batch-size", type=int, default=0, help="HF generate batch size (default: --slots)")
     ap.add_argument("--threads", default=str(os.cpu_count()),
                     help="torch thread counts for the HF baseline, comma list (e.g. 1,2): each is run and the "
@@ -462,6 +475,7 @@ def main(argv=None) -> dict:
 
     out: dict = {
         **bench_common.run_header(args, name, model_dir, mc, kw),
+        "command": " ".join(["python", "scripts/benchmark.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]),
         "workload": {"num_requests": len(wl.prompts), "input_lens": wl.input_lens, "output_lens": wl.output_lens,
                      "arrivals_s": wl.arrivals, "total_input_tokens": sum(wl.input_lens),
                      "total_output_tokens": sum(wl.output_lens), "sharegpt_params": SHAREGPT},
@@ -478,14 +492,15 @@ def main(argv=None) -> dict:
     offline_wl = dataclasses.replace(wl, arrivals=[0.0] * len(wl.prompts))
     online = None if math.isinf(args.request_rate) else f"online ({args.request_rate:g} req/s Poisson)"
     peers = [b for b in args.baseline.split(",") if b and b != "none"]
-    unknown = set(peers) - {"hf", "llamacpp", "llamacpp-bf16"}
+    unknown = set(peers) - {"hf", "llamacpp", "llamacpp-bf16", "onnxruntime"}
     if unknown:
-        raise SystemExit(f"error: unknown --baseline {sorted(unknown)}; use hf, llamacpp, llamacpp-bf16 or none")
+        raise SystemExit(f"error: unknown --baseline {sorted(unknown)}; use hf, llamacpp, llamacpp-bf16, onnxruntime "
+                         "or none")
     hf_model = load_hf(model, model_dir) if "hf" in peers else None
     llamacpp = [p for p in peers if p.startswith("llamacpp")]
     if llamacpp and (reason := bench_peers.llamacpp_available()):
         raise SystemExit(f"error: --baseline {','.join(llamacpp)}: {reason}")
-    peer_dir = model_dir or (str(save_preset(model, name)) if llamacpp else None)
+    peer_dir = model_dir or (str(save_preset(model, name)) if llamacpp or "onnxruntime" in peers else None)
     threads = [int(t) for t in str(args.threads).split(",") if t]
     hf_batch = args.hf_batch_size or args.slots
     runs: dict = {"offline": collections.defaultdict(list)}
@@ -508,6 +523,8 @@ def main(argv=None) -> dict:
             for th in threads:
                 timed("offline", f"{peer}@{th}", run_llamacpp(peer_dir, offline_wl, args.slots, th,
                                                                "bf16" if peer.endswith("bf16") else "f32"))
+        for th in threads if "onnxruntime" in peers else ():
+            timed("offline", f"onnxruntime@{th}", run_onnxruntime(peer_dir, offline_wl, hf_batch, th))
         if online:
             for mode in modes:
                 timed(online, mode, run_engine(model, kw, mode, wl, progress, f"{mode} online{tag}"))

@@ -110,3 +110,26 @@ def test_benchmark_help():
 def test_inf_request_rate_means_offline_only():
     args = benchmark.build_parser().parse_args([])
     assert math.isinf(args.request_rate)
+
+
+def test_benchmark_onnxruntime_baseline(tmp_path, capsys, monkeypatch):
+    """--baseline onnxruntime: the same offline workload through the exported decode step on ORT's
+    CPU EP; fp32 greedy on the same weights, so its tokens equal the engine's."""
+    for m in ("onnx", "jax2onnx", "onnxruntime"):
+        pytest.importorskip(m, reason="the optional 'onnx' extra (pip install -e '.[onnx]') is not installed")
+    monkeypatch.setattr(benchmark.bench_peers, "DEFAULT_WORKDIR", tmp_path / "peers")
+    monkeypatch.setattr(benchmark.bench_peers.run_onnxruntime, "__kwdefaults__", {
+        **benchmark.bench_peers.run_onnxruntime.__kwdefaults__, "workdir": tmp_path / "peers"})
+    out_json = tmp_path / "res.json"
+    benchmark.main(["--preset", "tiny", "--num-requests", "5", "--slots", "2", "--max-seq-len", "32",
+                    "--input-len", "uniform:3:12", "--output-len", "uniform:1:10", "--decode-steps", "4",
+                    "--modes", "continuous", "--baseline", "onnxruntime", "--threads", "1", "--repeat", "1",
+                    "--no-progress", "--json", str(out_json)])
+    data = json.loads(out_json.read_text())
+    assert data["command"].startswith("python scripts/benchmark.py --preset tiny")
+    ort = data["results"]["offline"]["onnxruntime"]["metrics"]
+    assert ort["output_tokens"] == sum(data["workload"]["output_lens"]) and ort["output_throughput"] > 0
+    assert ort["ttft_ms"] is None and ort["batch_size"] == 2
+    assert data["agreement"]["continuous vs onnxruntime"]["identical_requests"] == 1.0
+    assert set(data["ratios"]) == {"continuous / onnxruntime"}
+    assert "onnxruntime" in capsys.readouterr().out

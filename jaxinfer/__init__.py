@@ -14,6 +14,7 @@ from jaxinfer.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 # Steps: the pure functions over the state, for use inside your own jit / scan / while_loop.
 from jaxinfer.state import EngineConfig, EngineState, init_state
+from jaxinfer.snapshot import SnapshotError, load_state, save_state
 from jaxinfer.steps import (
     AdmitResult, Chunk, DecodeResult, InsertResult, PrefillResult, Requests, admit, decode, decode_steps, evict,
     fork, insert, make_chunk, make_requests, prefill,
@@ -47,7 +48,7 @@ __all__ = [
     "Engine", "RequestOutput", "SampleOutput", "StreamDelta", "SamplingParams", "ByteTokenizer", "Tokenizer",
     "load_tokenizer",
     # steps
-    "EngineConfig", "EngineState", "init_state", "AdmitResult", "Chunk", "DecodeResult", "InsertResult",
+    "EngineConfig", "EngineState", "init_state", "save_state", "load_state", "SnapshotError", "AdmitResult", "Chunk", "DecodeResult", "InsertResult",
     "PrefillResult", "Requests", "admit", "decode", "decode_steps", "evict", "fork", "insert", "make_chunk",
     "make_requests", "prefill",
     # model and weights

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer import aot
+from jaxinfer import aot, snapshot
 from jaxinfer.attention import uses_views
 from jaxinfer.errors import InvalidRequestError
 from jaxinfer.model import Model
@@ -103,6 +103,13 @@ class Engine:
         precompile: bool | str | None = None,
         allow_long_context: bool = False,
     ):
+        # Everything but the model and tokenizer: what a snapshot needs to rebuild this engine.
+        self._init_kwargs = dict(
+            max_slots=max_slots, page_size=page_size, num_pages=num_pages, max_seq_len=max_seq_len,
+            prefill_buckets=list(prefill_buckets), max_prefill_batch=max_prefill_batch, decode_steps=decode_steps,
+            max_stop_ids=max_stop_ids, attention_backend=attention_backend, max_logprobs=max_logprobs, mode=mode,
+            seed=seed, add_bos=add_bos, prefill_chunk=prefill_chunk, prefix_caching=prefix_caching,
+            batch_invariant=batch_invariant, allow_long_context=allow_long_context)
         if not isinstance(model, Model):
             raise TypeError(f"Engine(model=...) must be a jaxinfer Model (jaxinfer.load_model / dummy_model), "
                             f"got {type(model).__name__}{' ' + repr(model) if isinstance(model, str) else ''}")
@@ -150,6 +157,8 @@ class Engine:
         self._next_id = 0
         self._counters = collections.Counter()
         self._live: dict[int, Request] = {}  # unfinished requests by id
+        # Outputs the engine reports (`outputs()`): add_request requests, and after a restore all.
+        self._outputs: dict[int, RequestOutput] = {}
         self._aborted: list[Sequence] = []  # aborted samples whose final delta is still due
         # Delivery: every delta goes to its request's consumer (a stream() or generate() call);
         # deltas of requests added with add_request() collect here and step() returns them.
@@ -438,7 +447,92 @@ class Engine:
         raises InvalidRequestError and leaves the engine (and every other request) untouched."""
         req = self._make(prompt, params if params is not None else SamplingParams())
         self._queue([req])
+        self._outputs[req.rid] = req.out
         return req.rid
+
+    def outputs(self) -> list[RequestOutput]:
+        """The outputs of every `add_request` request (finished or not, in request-id order) the
+        engine has not been told to `forget`; after `Engine.restore`, of every request the
+        snapshot held, including those finished before it."""
+        return [self._outputs[rid] for rid in sorted(self._outputs)]
+
+    def forget(self, request_id: int) -> None:
+        """Stop keeping a finished request's output (a long-running server calls this)."""
+        out = self._outputs.get(request_id)
+        if out is not None and out.finished:
+            del self._outputs[request_id]
+
+    # ------------------------------------------------------------------ live weight updates
+    UPDATE_POLICIES = ("recompute", "keep")
+
+    def update_params(self, params, on_update: str = "recompute") -> None:
+        """Replace the weights of the running engine, without recompiling anything.
+
+        `params`: a `Model` or its `params`, as `load_model` gives them (stacked layers; the
+        engine's own per-layer layout is accepted too), with exactly the current tree, shapes
+        and dtypes; anything else is refused with a ValueError naming the leaf. The prefix cache
+        is dropped either way (its pages hold K/V of the old weights). `on_update`:
+        - "recompute" (default): every request in flight is preempted and requeued in order,
+          so its prompt and the tokens generated so far are recomputed under the new weights and
+          it continues from there; no request is lost or restarted from scratch;
+        - "keep": requests in flight keep their KV cache, computed by the old weights, and
+          continue under the new ones (what an RL rollout with a stale cache does: fast, but
+          their continuation mixes both weights; a request admitted later sees only the new).
+        Call it between steps."""
+        if on_update not in self.UPDATE_POLICIES:
+            raise ValueError(f"on_update must be one of {self.UPDATE_POLICIES}, got {on_update!r}")
+        if isinstance(params, Model):
+            params = params.params
+        new = Model(self.model.config, params, self.model.compute_dtype)
+        new = new.unstacked() if isinstance(self.model.params["layers"], tuple) else new.stacked()
+        old_leaves = dict(jax.tree_util.tree_leaves_with_path(self.model.params))
+        new_leaves = dict(jax.tree_util.tree_leaves_with_path(new.params))
+        name = jax.tree_util.keystr
+        for path in old_leaves.keys() - new_leaves.keys():
+            raise ValueError(f"update_params: the new params lack {name(path)}")
+        for path in new_leaves.keys() - old_leaves.keys():
+            raise ValueError(f"update_params: the new params have an extra leaf {name(path)}")
+        for path, a in old_leaves.items():
+            b = new_leaves[path]
+            if getattr(b, "shape", None) != a.shape or getattr(b, "dtype", None) != a.dtype:
+                raise ValueError(f"update_params: {name(path)} is {getattr(b, 'dtype', type(b).__name__)}"
+                                 f"{list(getattr(b, 'shape', []))}, expected {a.dtype}{list(a.shape)} (same shapes "
+                                 "and dtypes, or the compiled steps would not apply)")
+        with _deferred_sigint():
+            if on_update == "recompute":
+                while (victim := self.scheduler.victim()) is not None:  # newest first: FIFO order is kept
+                    self._vacate(victim)
+                    self._counters["preemptions"] += 1
+                    self.scheduler.requeue(victim[0])
+            # Through the host: a device-side reset would be one more program to compile.
+            alloc = self.state.alloc
+            self.state = self.state.replace(alloc=alloc.replace(
+                cached=jax.device_put(np.zeros(alloc.cached.shape, bool)),
+                hash=jax.device_put(np.zeros(alloc.hash.shape, np.asarray(alloc.hash).dtype))))
+            self.scheduler._prefilled_keys.clear()
+            self.model = self.model.replace(params=jax.device_put(new.params))
+            self._counters["weight_updates"] += 1
+
+    # ------------------------------------------------------------------ snapshot / resume
+    def snapshot(self, path) -> str:
+        """Write the whole engine (device state and host side) under directory `path`,
+        atomically: a crash mid-write leaves the previous snapshot there valid. Call it between
+        steps. Returns the snapshot's directory. See jaxinfer/snapshot.py."""
+        with _deferred_sigint():
+            return str(snapshot.write(self, path))
+
+    @classmethod
+    def restore(cls, path, model: Model, tokenizer=None, **overrides) -> "Engine":
+        """A new engine that continues the snapshot under `path` exactly where it stopped.
+        `model` must be the snapshot's (same config and weights) and the engine configuration
+        (saved in the snapshot; `overrides` may change constructor arguments) must match it,
+        else a SnapshotError says what differs. Every request is then reported like an
+        `add_request` one: `step()` returns its deltas, `outputs()` its output."""
+        snap, manifest = snapshot.read_manifest(path)
+        kwargs = {**manifest["engine_kwargs"], **overrides, "precompile": False}
+        engine = cls(model, tokenizer=tokenizer, **kwargs)
+        snapshot.restore_into(engine, snap, manifest)
+        return engine
 
     def output(self, request_id: int) -> RequestOutput | None:
         """The live output of an unfinished request (prompt_token_ids, samples so far); None

@@ -186,6 +186,7 @@ class EngineThread:
                 self._open[d.request_id] -= 1
                 if not self._open[d.request_id]:
                     del self._handles[d.request_id], self._open[d.request_id]
+                    self.engine.forget(d.request_id)  # the handle holds the output; the engine need not
             _deliver(h, d)
 
     def _fail_all(self, error: Exception) -> None:

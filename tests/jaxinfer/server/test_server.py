@@ -332,6 +332,7 @@ def test_failed_step_is_a_500_for_its_requests_and_the_others_continue(srv, monk
     wait_idle(srv)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_sigterm_during_a_stream_ends_the_stream_and_the_process(tmp_path):
     port = server.serve.free_port()

@@ -2,7 +2,7 @@
 
 `backend` is a static string (EngineConfig.attention_backend):
 - "auto": the Pallas Mosaic GPU kernels on a Hopper GPU (sm_90) when the inputs are ones they
-  support (bf16/fp16, head_dim 64/128, no sliding window, ...), else "xla".
+  support (bf16/fp16, head_dim <= 128, ...; sliding windows and soft-capping included), else "xla".
 - "xla": jnp written for XLA (the CPU path): decode attends over a dense per-burst view of the
   live positions (below), the paged pool is read with the layer index folded into the gather.
 - "reference": the plain-jnp references of `pallas_kernels` (the oracles for the kernels and
@@ -12,6 +12,11 @@
 
 The KV pool is always passed whole, `[layers, pages, page_size, kv_heads, head_dim]`, with the
 layer index: slicing one layer out of it (or out of anything big) makes XLA copy it first.
+
+Per-layer settings (`LayerAttention`: sliding window, logit soft-cap, score scale) come from
+the model's layer (jaxinfer/model.py). The window is a Python int or None in the unstacked
+Python layer loop, and a traced int32 scalar inside the layer `lax.scan` when layers differ
+(Gemma's local and global layers; `NO_WINDOW` for a global one): every path here takes both.
 
 Decode views (the "xla" decode path). One decode step reads every live K/V position of every
 slot; gathering them from scattered pages into the layout a batched dot wants costs several
@@ -26,16 +31,33 @@ whatever the view holds there (other pages' data, NaN) cannot leak.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from pallas_kernels import NO_WINDOW, is_sm90, masked_softmax, soft_cap
 from pallas_kernels import flash_attention as fa
-from pallas_kernels import is_sm90, masked_softmax
 from pallas_kernels import paged_attention as pa
 
 BACKENDS = ("auto", "xla", "reference", "pallas", "interpret")
 KERNEL_HEAD_DIMS = (64, 128)
+Window = int | Int[Array, ""] | None  # a static window, a traced one (NO_WINDOW: none), or none
+
+__all__ = ["BACKENDS", "NO_WINDOW", "LayerAttention", "chunk_attention", "chunk_attention_reference",
+           "decode_attention", "decode_view", "prefill_attention", "uses_views", "view_attention", "view_write"]
+
+
+class LayerAttention(NamedTuple):
+    """One layer's attention settings (model.layer computes them from the layer index)."""
+
+    window: Window = None  # a query sees itself and the window - 1 keys before it
+    softcap: float | None = None  # scores s -> softcap * tanh(s / softcap) (Gemma 2)
+    scale: float | None = None  # score scale; None: head_dim ** -0.5
+
+    def kwargs(self) -> dict:
+        return dict(sliding_window=self.window, softcap=self.softcap, scale=self.scale)
 
 
 def _kernel_head_dim(head_dim: int) -> int:
@@ -85,22 +107,26 @@ def prefill_attention(
     v: Float[Array, "batch seq kv_heads head_dim"],
     *,
     lengths: Int[Array, "batch"] | None,
-    sliding_window: int | None = None,
+    sliding_window: Window = None,
+    softcap: float | None = None,
+    scale: float | None = None,
     backend: str = "auto",
 ) -> Float[Array, "batch seq q_heads head_dim"]:
     """Causal self-attention over each row's first `lengths` tokens; padded rows give zeros."""
     hd, d = q.shape[-1], _kernel_head_dim(q.shape[-1])
+    scale = hd**-0.5 if scale is None else scale
 
     def check():
-        if sliding_window is not None:
-            raise NotImplementedError("the flash-attention kernel has no sliding window")
-        fa.check_flash_attention_kernel_inputs(_spec(q, d), _spec(k, d), _spec(v, d), lengths)
+        fa.check_flash_attention_kernel_inputs(_spec(q, d), _spec(k, d), _spec(v, d), lengths,
+                                               sliding_window=sliding_window, softcap=softcap)
 
     if _use_kernel(backend, check):
         out = fa.flash_attention(_pad(q, d), _pad(k, d), _pad(v, d), lengths=lengths, causal=True,
-                                 scale=hd**-0.5, interpret=backend == "interpret")
+                                 scale=scale, sliding_window=sliding_window, softcap=softcap,
+                                 interpret=backend == "interpret")
         return out[..., :hd]
-    return fa.flash_attention_reference(q, k, v, lengths=lengths, causal=True, sliding_window=sliding_window)
+    return fa.flash_attention_reference(q, k, v, lengths=lengths, causal=True, sliding_window=sliding_window,
+                                        softcap=softcap, scale=scale)
 
 
 def decode_attention(
@@ -111,27 +137,31 @@ def decode_attention(
     page_table: Int[Array, "slots pages_per_seq"],
     lengths: Int[Array, "slots"],
     *,
-    sliding_window: int | None = None,
+    sliding_window: Window = None,
+    softcap: float | None = None,
+    scale: float | None = None,
     backend: str = "auto",
 ) -> Float[Array, "slots q_heads head_dim"]:
     """One query per slot against that slot's pages of `layer`; `lengths` counts the query's own
     token. Every table entry is read: pass page_table[:, :P] to bound the work by P pages."""
     hd, d = q.shape[-1], _kernel_head_dim(q.shape[-1])
+    scale = hd**-0.5 if scale is None else scale
     spec = jax.ShapeDtypeStruct(k_pool.shape[1:-1] + (d,), k_pool.dtype)
 
     def check():
         pa.check_paged_attention_kernel_inputs(_spec(q, d), spec, spec, page_table, lengths,
-                                               sliding_window=sliding_window)
+                                               sliding_window=sliding_window, softcap=softcap)
 
     if _use_kernel(backend, check):
         out = pa.paged_attention(_pad(q, d), _pad(k_pool[layer], d), _pad(v_pool[layer], d), page_table, lengths,
-                                 scale=hd**-0.5, interpret=backend == "interpret")
+                                 sliding_window=sliding_window, softcap=softcap, scale=scale,
+                                 interpret=backend == "interpret")
         return out[..., :hd]
     if backend == "reference":
         return pa.paged_attention_reference(q, k_pool[layer], v_pool[layer], page_table, lengths,
-                                            sliding_window=sliding_window)
+                                            sliding_window=sliding_window, softcap=softcap, scale=scale)
     return view_attention(q, _gather_view(k_pool, v_pool, layer, page_table, lengths), lengths,
-                          sliding_window=sliding_window)
+                          sliding_window=sliding_window, softcap=softcap, scale=scale)
 
 
 # ----------------------------------------------------------------------------- decode views
@@ -198,8 +228,10 @@ def view_write(view: DecodeView, k: Float[Array, "slots kv_heads head_dim"], v: 
 
 
 def view_attention(q: Float[Array, "slots q_heads head_dim"], view: DecodeView, lengths: Int[Array, "slots"], *,
-                   sliding_window: int | None = None) -> Float[Array, "slots q_heads head_dim"]:
-    """Decode attention over a dense view: positions < lengths (and inside the window) count.
+                   sliding_window: Window = None, softcap: float | None = None,
+                   scale: float | None = None) -> Float[Array, "slots q_heads head_dim"]:
+    """Decode attention over a dense view: positions < lengths (and inside the window) count;
+    scores are scaled by `scale` (None: head_dim ** -0.5) and soft-capped by `softcap`.
 
     Scores are computed as K @ q^T (positions as the GEMM's rows): with 1-8 query heads per KV
     head that tall GEMM runs ~2x faster on XLA:CPU than q @ K^T against the same layout. The
@@ -207,6 +239,7 @@ def view_attention(q: Float[Array, "slots q_heads head_dim"], view: DecodeView, 
     columns) and keeps the diagonal blocks of the output."""
     k, v = view
     s, hq, d = q.shape
+    scale = d**-0.5 if scale is None else scale
     span = k.shape[-2] if k.ndim == 4 else k.shape[1]
     pos = jnp.arange(span)[None, :]
     visible = pos < lengths[:, None]
@@ -217,13 +250,13 @@ def view_attention(q: Float[Array, "slots q_heads head_dim"], view: DecodeView, 
         kvh = k.shape[-1] // d
         own = (jnp.arange(hq)[:, None] // (hq // kvh)) == jnp.arange(kvh)[None, :]  # [q_heads, kv_heads]
         qbd = jnp.where(own[None, :, :, None], q32[:, :, None, :], 0.0).reshape(s, hq, kvh * d)
-        scores = jnp.einsum("stc,shc->sth", k, qbd) * d**-0.5  # [slots, span, q_heads]
+        scores = soft_cap(jnp.einsum("stc,shc->sth", k, qbd) * scale, softcap)  # [slots, span, q_heads]
         probs = masked_softmax(jnp.moveaxis(scores, 1, 2), visible[:, None, :])  # [slots, q_heads, span]
         out = jnp.einsum("sht,stc->shc", probs, v).reshape(s, hq, kvh, d)  # v finite: zero past every length
         return jnp.sum(jnp.where(own[None, :, :, None], out, 0.0), axis=2).astype(q.dtype)
     kvh = k.shape[1]
     qg = q32.reshape(s, kvh, hq // kvh, d)
-    scores = jnp.einsum("sktd,skgd->sktg", k, qg) * d**-0.5  # [slots, kv_heads, span, group]
+    scores = soft_cap(jnp.einsum("sktd,skgd->sktg", k, qg) * scale, softcap)  # [slots, kv_heads, span, group]
     probs = masked_softmax(jnp.moveaxis(scores, 2, 3), visible[:, None, None, :])
     out = jnp.einsum("skgt,sktd->skgd", probs, v)  # v is finite everywhere: zero past every length
     return out.reshape(s, hq, d).astype(q.dtype)
@@ -237,7 +270,9 @@ def chunk_attention_reference(
     page_table: Int[Array, "batch pages_per_seq"],
     start: Int[Array, "batch"],
     *,
-    sliding_window: int | None = None,
+    sliding_window: Window = None,
+    softcap: float | None = None,
+    scale: float | None = None,
 ) -> Float[Array, "batch seq q_heads head_dim"]:
     """A prefill chunk against the paged pool: query i of row b sits at position start[b] + i and
     attends causally to every position <= its own in the row's pages (the cached prefix plus
@@ -260,7 +295,8 @@ def chunk_attention_reference(
         allowed &= qpos[:, :, None] - kpos[None, None, :] < sliding_window
     qg = q.reshape(b, t, kvh, g, d).astype(jnp.float32)
     hi = jax.lax.Precision.HIGHEST  # as the other references: no TF32 on GPU
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32), precision=hi) * d**-0.5
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32), precision=hi) * (d**-0.5 if scale is None else scale)
+    s = soft_cap(s, softcap)
     s = jnp.where(allowed[:, None, None], s, -jnp.inf)
     p = jax.nn.softmax(s, axis=-1)
     p = jnp.where(allowed[:, None, None], p, 0.0)
@@ -279,17 +315,21 @@ def chunk_attention(
     start: Int[Array, "batch"],
     n: Int[Array, "batch"],
     *,
-    sliding_window: int | None = None,
+    sliding_window: Window = None,
+    softcap: float | None = None,
+    scale: float | None = None,
     backend: str = "auto",
 ) -> Float[Array, "batch seq q_heads head_dim"]:
     """Attention for a prefill chunk at positions [start, start + n) of each row, whose K/V are
     `k`, `v` (already written to the pages too). When every row starts at 0 (no cached prefix,
     first chunk) this is plain causal prefill over the chunk and runs `prefill_attention` (the
     flash kernel where it applies); otherwise the paged reference above."""
+    opts = dict(sliding_window=sliding_window, softcap=softcap, scale=scale)
+
     def fresh(_):
-        return prefill_attention(q, k, v, lengths=n, sliding_window=sliding_window, backend=backend)
+        return prefill_attention(q, k, v, lengths=n, backend=backend, **opts)
 
     def paged(_):
-        return chunk_attention_reference(q, k_pool, v_pool, layer, page_table, start, sliding_window=sliding_window)
+        return chunk_attention_reference(q, k_pool, v_pool, layer, page_table, start, **opts)
 
     return jax.lax.cond(jnp.all(start == 0), fresh, paged, None)

@@ -4,6 +4,14 @@ report for every way a checkpoint can disagree with its config, and the dense-te
 
 Dense (jaxinfer/weights.py) and quantized (jaxinfer/quant/load.py) loading both build on this
 module; it imports neither.
+
+Family differences in the layout, all decided here: Gemma's four norms per layer, Qwen3 / Gemma 3's
+per-head q/k norms, Phi-3's fused `qkv_proj` and `gate_up_proj` (split at load time into the
+parameters every other family has, so the layer body never sees them), and the experts of
+Mixtral (`block_sparse_moe.experts.{e}.w1/w3/w2`) and Qwen3-MoE (`mlp.experts.{e}.gate_proj/...`).
+Parameters that only some layers have are stacked over those layers only: the dense MLP over
+the dense layers, the router and experts over the MoE layers with an expert axis
+`[moe_layers, experts, ...]` (the axis expert parallelism will shard).
 """
 
 from __future__ import annotations
@@ -36,19 +44,47 @@ _LINEARS = {
     "mlp.down_proj": ("w_down", "b_down"),
 }
 _NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm"}
+# Gemma: post_attention_layernorm normalises the attention output; pre_feedforward_layernorm is
+# the MLP's input norm (Llama's post_attention_layernorm), post_feedforward_layernorm its output's.
+_GEMMA_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "attn_out_norm",
+                "pre_feedforward_layernorm": "mlp_norm", "post_feedforward_layernorm": "mlp_out_norm"}
+# Expert MLP tensors under model.layers.{i}.<prefix>: (router, per-expert gate, up, down).
+_EXPERTS = {
+    "mixtral": ("block_sparse_moe.gate", "block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3",
+                "block_sparse_moe.experts.{e}.w2"),
+    "qwen3_moe": ("mlp.gate", "mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj", "mlp.experts.{e}.down_proj"),
+}
 
 # name -> (open safetensors handle, shape, safetensors dtype string), from the headers alone.
 Found = dict[str, tuple[Any, list[int], str]]
 
 
 class TensorSpec(NamedTuple):
-    """Where one HF tensor lives: its HF shape, its PyTree key, its layer (None: not stacked)."""
+    """Where one HF tensor lives: its HF shape, its PyTree key, its index in the stacked
+    parameter (None: not stacked) and that parameter's leading (stacked) dimensions."""
 
     shape: tuple[int, ...]
     key: str  # top-level key, or the key inside params["layers"] when layer is not None
-    layer: int | None
+    layer: int | tuple[int, int] | None  # index into the stack: a layer (of its group), or (layer, expert)
     transpose: bool  # a linear weight: HF stores [out, in], we store [in, out]
     kind: str  # "matrix" | "norm" | "bias": how dummy_model initialises it
+    stack: tuple[int, ...] = ()  # the parameter's leading dims: (layers,), (dense layers,), (moe layers, experts)
+    # A fused HF tensor (Phi-3): split along its first (HF out) axis into these (key, width)
+    # parameters; `key` then names no parameter.
+    parts: tuple[tuple[str, int], ...] = ()
+
+    def destinations(self) -> tuple[tuple[str, int | None, int | None], ...]:
+        """(parameter key, first HF row, end HF row) per parameter this tensor fills (rows None: all)."""
+        if not self.parts:
+            return ((self.key, None, None),)
+        ends = np.cumsum([width for _, width in self.parts])
+        return tuple((key, int(end - width), int(end)) for (key, width), end in zip(self.parts, ends))
+
+    def dest_shape(self, lo: int | None, hi: int | None) -> tuple[int, ...]:
+        """The parameter's shape for rows [lo, hi) of this tensor, stacked dims included."""
+        shape = self.shape if lo is None else (hi - lo, *self.shape[1:])
+        shape = shape[::-1] if self.transpose else shape
+        return shape if self.layer is None else (*self.stack, *shape)
 
 
 class ExpectedTensor(NamedTuple):
@@ -63,25 +99,58 @@ class ExpectedTensor(NamedTuple):
 def hf_tensor_specs(config: ModelConfig) -> dict[str, TensorSpec]:
     """Every tensor a checkpoint for `config` must contain, in HF order (embeddings, layers, head)."""
     d, f, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
-    linear_shapes = {  # [out, in] as HF stores them, and whether the bias exists
+    fused = config.model_type == "phi3"
+    attn_shapes = {  # [out, in] as HF stores them, and whether the bias exists
         "self_attn.q_proj": ((q, d), config.qkv_bias),
         "self_attn.k_proj": ((kv, d), config.qkv_bias),
         "self_attn.v_proj": ((kv, d), config.qkv_bias),
-        "self_attn.o_proj": ((d, q), config.o_bias),
+    }
+    mlp_shapes = {
         "mlp.gate_proj": ((f, d), config.mlp_bias),
         "mlp.up_proj": ((f, d), config.mlp_bias),
         "mlp.down_proj": ((d, f), config.mlp_bias),
     }
+    moe = [i for i in range(config.num_layers) if config.is_moe(i)]
+    dense = [i for i in range(config.num_layers) if not config.is_moe(i)]
     specs = {"model.embed_tokens.weight": TensorSpec((config.vocab_size, d), "embed", None, False, "matrix")}
+
+    def linear(name, shape, weight, bias, has_bias, index, stack, parts=()):
+        specs[f"{name}.weight"] = TensorSpec(shape, weight, index, True, "matrix", stack, parts)
+        if has_bias:
+            specs[f"{name}.bias"] = TensorSpec(shape[:1], bias, index, False, "bias", stack)
+
+    all_layers = (config.num_layers,)
     for i in range(config.num_layers):
         prefix = f"model.layers.{i}."
-        for hf, ours in _NORMS.items():
-            specs[f"{prefix}{hf}.weight"] = TensorSpec((d,), ours, i, False, "norm")
-        for hf, (shape, has_bias) in linear_shapes.items():
-            weight, bias = _LINEARS[hf]
-            specs[f"{prefix}{hf}.weight"] = TensorSpec(shape, weight, i, True, "matrix")
-            if has_bias:
-                specs[f"{prefix}{hf}.bias"] = TensorSpec(shape[:1], bias, i, False, "bias")
+        for hf, ours in (_GEMMA_NORMS if config.sandwich_norms else _NORMS).items():
+            specs[f"{prefix}{hf}.weight"] = TensorSpec((d,), ours, i, False, "norm", all_layers)
+        if fused:
+            linear(f"{prefix}self_attn.qkv_proj", (q + 2 * kv, d), "wqkv", None, False, i, all_layers,
+                   (("wq", q), ("wk", kv), ("wv", kv)))
+        else:
+            for hf, (shape, has_bias) in attn_shapes.items():
+                linear(prefix + hf, shape, *_LINEARS[hf], has_bias, i, all_layers)
+        linear(f"{prefix}self_attn.o_proj", (d, q), "wo", "bo", config.o_bias, i, all_layers)
+        if config.qk_norm:
+            for which in ("q_norm", "k_norm"):
+                specs[f"{prefix}self_attn.{which}.weight"] = TensorSpec((config.head_dim,), which, i, False, "norm",
+                                                                        all_layers)
+        if config.is_moe(i):
+            r, n, fm = moe.index(i), config.num_experts, config.moe_intermediate_size
+            router, gate, up, down = _EXPERTS[config.model_type]
+            specs[f"{prefix}{router}.weight"] = TensorSpec((n, d), "router", r, True, "matrix", (len(moe),))
+            for e in range(n):
+                for hf, key, shape in ((gate, "moe_gate", (fm, d)), (up, "moe_up", (fm, d)), (down, "moe_down", (d, fm))):
+                    specs[f"{prefix}{hf.format(e=e)}.weight"] = TensorSpec(shape, key, (r, e), True, "matrix",
+                                                                           (len(moe), n))
+        elif fused:
+            r = dense.index(i)
+            linear(f"{prefix}mlp.gate_up_proj", (2 * f, d), "w_gate_up", None, False, r, (len(dense),),
+                   (("w_gate", f), ("w_up", f)))
+            linear(f"{prefix}mlp.down_proj", (d, f), "w_down", "b_down", False, r, (len(dense),))
+        else:
+            for hf, (shape, has_bias) in mlp_shapes.items():
+                linear(prefix + hf, shape, *_LINEARS[hf], has_bias, dense.index(i), (len(dense),))
     specs["model.norm.weight"] = TensorSpec((d,), "final_norm", None, False, "norm")
     if not config.tie_word_embeddings:
         specs["lm_head.weight"] = TensorSpec((config.vocab_size, d), "lm_head", None, True, "matrix")
@@ -93,11 +162,8 @@ def param_shapes(config: ModelConfig) -> dict[str, Any]:
     layers: dict[str, Any] = {}
     params: dict[str, Any] = {"layers": layers}
     for spec in hf_tensor_specs(config).values():
-        shape = spec.shape[::-1] if spec.transpose else spec.shape
-        if spec.layer is None:
-            params[spec.key] = (shape, spec.kind)
-        else:
-            layers[spec.key] = ((config.num_layers, *shape), spec.kind)
+        for key, lo, hi in spec.destinations():
+            (params if spec.layer is None else layers)[key] = (spec.dest_shape(lo, hi), spec.kind)
     return params
 
 
@@ -195,16 +261,18 @@ def _is_float(dtype: np.dtype) -> bool:
 def load_dense(found: Found, specs: dict[str, TensorSpec], num_layers: int, dtype, params: dict, bar) -> None:
     """Read the tensors in `specs` from the open handles in `found` into `params` (stacked layers
     under params["layers"]), one host buffer per destination parameter, so peak host memory is
-    about one copy of the largest parameter beside the model."""
-    groups: dict[str, list[tuple[str, TensorSpec]]] = {}
+    about one copy of the largest parameter beside the model. Fused tensors (Phi-3) are split
+    here, each part read into its own parameter. (`num_layers` is unused: each spec carries the
+    stacked shape of its parameter, which for expert and dense-MLP groups is not num_layers.)"""
+    groups: dict[str, list[tuple[str, TensorSpec, int | None, int | None]]] = {}
     for name, spec in specs.items():
-        groups.setdefault(spec.key, []).append((name, spec))
+        for key, lo, hi in spec.destinations():
+            groups.setdefault(key, []).append((name, spec, lo, hi))
     for key, members in groups.items():
-        first = members[0][1]
+        _, first, lo, hi = members[0]
         stacked = first.layer is not None
-        shape = first.shape[::-1] if first.transpose else first.shape
-        buf = np.empty((num_layers, *shape) if stacked else shape, dtype)
-        for name, spec in members:
+        buf = np.empty(first.dest_shape(lo, hi), dtype)
+        for name, spec, lo, hi in members:
             try:
                 tensor = found[name][0].get_tensor(name)
             except (SafetensorError, OSError) as e:  # header fine, data cut short
@@ -214,9 +282,10 @@ def load_dense(found: Found, specs: dict[str, TensorSpec], num_layers: int, dtyp
                 bad = "NaN" if np.isnan(tensor).any() else "inf"
                 raise CheckpointError(f"{name} contains {bad} values ({int((~np.isfinite(tensor)).sum())} of "
                                       f"{tensor.size}); expected finite weights: the checkpoint is corrupt")
+            part = tensor if lo is None else tensor[lo:hi]
             # One copy that converts dtype and transposes.
-            buf[spec.layer if stacked else ()] = tensor.T if spec.transpose else tensor
-            del tensor
-            bar.update(1)
+            buf[spec.layer if stacked else ()] = part.T if spec.transpose else part
+            del tensor, part
+            bar.update(1 if lo is None else (hi - lo) / spec.shape[0])
         (params["layers"] if stacked else params)[key] = jax.device_put(buf)
         del buf

@@ -73,20 +73,19 @@ def _forward(cfg: EngineConfig, model: Model, state: EngineState, running, views
     write_page = jnp.where(running, page_table[rows, page_idx], NULL_PAGE)
     write_off = pos % ps
     attn_len = jnp.where(running, pos + 1, 0)
-    window = model.config.sliding_window
     view_pos = jnp.where(running, pos, span)  # views: idle slots point past the end and are dropped
     read_table = page_table[:, : span // ps]
 
-    def attend(i, q, k, v, cache):
+    def attend(i, q, k, v, cache, spec):  # spec: the layer's window / soft-cap / scale
         kp, vp, views = cache
         kp = kp.at[i, write_page[:, None], write_off[:, None]].set(k.astype(kp.dtype))
         vp = vp.at[i, write_page[:, None], write_off[:, None]].set(v.astype(vp.dtype))
         if views is None:
-            o = decode_attention(q[:, 0], kp, vp, i, read_table, attn_len, sliding_window=window,
-                                 backend=cfg.attention_backend)
+            o = decode_attention(q[:, 0], kp, vp, i, read_table, attn_len, backend=cfg.attention_backend,
+                                 **spec.kwargs())
         else:  # unstacked layers: i is a Python int, so views[i] is a buffer of its own
             view = view_write(views[i], k[:, 0], v[:, 0], view_pos)
-            o = view_attention(q[:, 0], view, attn_len, sliding_window=window)
+            o = view_attention(q[:, 0], view, attn_len, **spec.kwargs())
             views = views[:i] + (view,) + views[i + 1:]
         return o[:, None], (kp, vp, views)
 

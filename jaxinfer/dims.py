@@ -21,6 +21,10 @@ mismatch anywhere is reported in the same vocabulary (tests run with runtime sha
 | max_stops       | stop-token ids per slot (EngineConfig.max_stop_ids)             |
 | steps           | decode steps run per host sync                                  |
 | max_logprobs    | top-k logprobs returned per token (EngineConfig.max_logprobs)   |
+| tokens          | rows of an MoE layer's input (batch * seq, flattened)           |
+| experts         | experts of an MoE layer (ModelConfig.num_experts)               |
+| top_k           | experts each token is routed to (num_experts_per_tok)           |
+| tiles           | row tiles of the grouped expert matmul (jaxinfer/moe.py)        |
 """
 
 import numpy as np
@@ -45,6 +49,10 @@ VOCAB = "vocab"
 MAX_STOPS = "max_stops"
 STEPS = "steps"
 MAX_LOGPROBS = "max_logprobs"
+TOKENS = "tokens"
+EXPERTS = "experts"
+TOP_K = "top_k"
+TILES = "tiles"
 
 # Shared aliases for the arrays that cross module boundaries.
 Tokens = Int[Array, "batch seq"]
@@ -65,7 +73,8 @@ StopIds = Int[Array, "slots max_stops"]
 __all__ = [
     "AnyArray",
     "BATCH", "SEQ", "SLOTS", "PAGES", "PAGE_SIZE", "PAGES_PER_SEQ", "LAYERS", "Q_HEADS",
-    "KV_HEADS", "HEAD_DIM", "HIDDEN", "FFN", "VOCAB", "MAX_STOPS", "STEPS", "MAX_LOGPROBS",
+    "KV_HEADS", "HEAD_DIM", "HIDDEN", "FFN", "VOCAB", "MAX_STOPS", "STEPS", "MAX_LOGPROBS", "TOKENS",
+    "EXPERTS", "TOP_K", "TILES",
     "Tokens", "Lengths", "Logits", "Queries", "KeysValues", "DecodeQueries", "PageTable",
     "LayerPages", "KVPool", "SlotInts", "SlotFloats", "SlotBools", "SlotKeys", "StopIds",
 ]

@@ -1,4 +1,5 @@
-"""The Llama-family decoder as pure functions over a parameter PyTree.
+"""The decoder of every supported family (Llama, Mistral, Qwen2/3, Qwen3-MoE, Gemma 2/3, Phi-3,
+Mixtral) as pure functions over a parameter PyTree.
 
 Parameter layout (`Model.params`), layers stacked on a leading axis so one `lax.scan` body
 serves every layer (compile time does not grow with depth). Linear weights are stored
@@ -9,20 +10,37 @@ serves every layer (compile time does not grow with depth). Linear weights are s
       attn_norm  [layers, hidden]
       wq         [layers, hidden, q_heads*head_dim]     bq [layers, q_heads*head_dim]   (qkv_bias)
       wk, wv     [layers, hidden, kv_heads*head_dim]    bk, bv [layers, kv_heads*head_dim]
+      q_norm, k_norm [layers, head_dim]                 (qk_norm: Qwen3, Gemma 3)
       wo         [layers, q_heads*head_dim, hidden]     bo [layers, hidden]              (o_bias)
+      attn_out_norm, mlp_out_norm [layers, hidden]      (sandwich_norms: Gemma 2/3)
       mlp_norm   [layers, hidden]
-      w_gate, w_up [layers, hidden, ffn]                b_gate, b_up [layers, ffn]      (mlp_bias)
-      w_down     [layers, ffn, hidden]                  b_down [layers, hidden]          (mlp_bias)
+      w_gate, w_up [dense, hidden, ffn]                 b_gate, b_up [dense, ffn]       (mlp_bias)
+      w_down     [dense, ffn, hidden]                   b_down [dense, hidden]           (mlp_bias)
+      router     [moe, hidden, experts]                 (MoE layers, jaxinfer/moe.py)
+      moe_gate, moe_up [moe, experts, hidden, moe_ffn]  moe_down [moe, experts, moe_ffn, hidden]
     final_norm   [hidden]
     lm_head      [hidden, vocab]                        (absent when tie_word_embeddings)
 
-One layer body (`layer`) serves `forward` (no cache), the engine's prefill and decode steps and
-GPTQ calibration; they differ only in the `attend` callback, which does attention and any
-KV-cache bookkeeping.
+`dense` / `moe`: the dense-MLP parameters are stacked over the dense layers only, the expert
+ones over the MoE layers only (all layers of a dense model; Qwen3-MoE's mlp_only_layers are
+dense). One layer body (`layer`) serves every family, `forward` (no cache), the engine's
+prefill and decode steps and GPTQ calibration; they differ only in the `attend` callback, which
+does attention and any KV-cache bookkeeping.
+
+Per-layer variation is data, never a second layer body:
+- a layer's sliding window and RoPE table (Gemma's local/global layers, Gemma 3's two RoPE
+  bases) are `ModelConfig.layer_window(i)` / `layer_rope(i)`: a Python value when the layer
+  index is a Python int (the unstacked loop), an int32 array indexed by the traced layer index
+  inside the scan (one compiled body for all layers);
+- layers of different shapes (dense vs MoE MLP) are grouped: `layer_segments` cuts the stack
+  into scans whose body runs a short repeating pattern of layers (one segment for uniform
+  models and periodic patterns such as decoder_sparse_step = 2; one scan per run of equal
+  layers otherwise, e.g. a dense first layer), so the model is never unrolled layer by layer.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.struct
@@ -31,10 +49,13 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from jaxinfer.attention import prefill_attention
+from jaxinfer.attention import NO_WINDOW, LayerAttention, prefill_attention
 from jaxinfer.config import ModelConfig
+from jaxinfer.moe import activation, moe_mlp
 
 Params = dict[str, Any]
+DENSE_MLP_KEYS = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")  # stacked over the dense layers
+MOE_KEYS = ("router", "moe_gate", "moe_up", "moe_down")  # stacked over the MoE layers
 
 
 @flax.struct.dataclass
@@ -42,8 +63,10 @@ class Model:
     """A config (static: part of the jit cache key) and its parameters (a PyTree of arrays).
 
     `params["layers"]` is either one dict of arrays stacked on a leading layer axis (the stored
-    form: `decoder` runs one `lax.scan`, so compile time does not grow with depth) or a tuple of
-    per-layer dicts (`unstacked()`: `decoder` runs a Python loop; on XLA:CPU this is what lets
+    form: `decoder` runs `lax.scan`s, so compile time does not grow with depth; the dense-MLP
+    and expert parameters are stacked over their own layers, see the module docstring) or a
+    tuple of per-layer dicts, each with its own layer's MLP parameters (`unstacked()`:
+    `decoder` runs a Python loop; on XLA:CPU this is what lets
     every matmul read its weight in place: a scan, or a static slice of a stacked weight,
     copies it first, which costs as much as the matmul at decode sizes).
 
@@ -76,36 +99,61 @@ class Model:
         layers = self.params["layers"]
         if isinstance(layers, tuple):
             return self
-        return self.replace(params={**self.params, "layers": _split_layers(layers, self.config.num_layers)})
+        return self.replace(params={**self.params, "layers": _split_layers(layers, self.config)})
 
     def stacked(self) -> "Model":
         """The inverse of `unstacked` (the stored form). Idempotent."""
         layers = self.params["layers"]
         if not isinstance(layers, tuple):
             return self
-        return self.replace(params={**self.params, "layers": jax.tree.map(lambda *a: jnp.stack(a), *layers)})
+        keys = list(dict.fromkeys(key for lp in layers for key in lp))  # first-seen order
+        return self.replace(params={**self.params, "layers": {
+            key: jax.tree.map(lambda *a: jnp.stack(a), *[lp[key] for lp in layers if key in lp]) for key in keys}})
 
 
-def _split_layers(layers: Params, n: int) -> tuple[Params, ...]:
+def _group(key: str) -> str:
+    return "dense" if key in DENSE_MLP_KEYS else "moe" if key in MOE_KEYS else "all"
+
+
+def _group_rank(config: ModelConfig, i: int) -> int:
+    """Layer i's index within its group (the dense or the MoE layers)."""
+    return sum(config.is_moe(j) == config.is_moe(i) for j in range(i))
+
+
+def _split_layers(layers: Params, config: ModelConfig) -> tuple[Params, ...]:
     # Through the host (NumPy views; on CPU np.asarray of a device array is free): slicing on
     # the device would compile a program per weight shape.
-    leaves, treedef = jax.tree.flatten(layers)
-    host = [np.asarray(a) for a in leaves]
-    return tuple(jax.tree.unflatten(treedef, jax.device_put([np.ascontiguousarray(h[i]) for h in host]))
-                 for i in range(n))
+    flat = {key: jax.tree.flatten(value) for key, value in layers.items()}
+    host = {key: [np.asarray(a) for a in leaves] for key, (leaves, _) in flat.items()}
+    out = []
+    for i in range(config.num_layers):
+        kind = "moe" if config.is_moe(i) else "dense"
+        keys = [key for key in layers if _group(key) in ("all", kind)]
+        index = {key: i if _group(key) == "all" else _group_rank(config, i) for key in keys}
+        arrays = jax.device_put([[np.ascontiguousarray(h[index[key]]) for h in host[key]] for key in keys])
+        out.append({key: jax.tree.unflatten(flat[key][1], a) for key, a in zip(keys, arrays)})
+    return tuple(out)
 
 
-def rms_norm(x: Float[Array, "*b hidden"], w: Float[Array, "hidden"], eps: float) -> Float[Array, "*b hidden"]:
-    # As HF: normalise in float32, cast back, then scale (the order matters in bf16).
+def rms_norm(x: Float[Array, "*b hidden"], w: Float[Array, "hidden"], eps: float,
+             plus_one: bool = False) -> Float[Array, "*b hidden"]:
+    """As HF: normalise in float32; Llama casts back and then scales by w, Gemma scales by
+    (1 + w) in float32 and then casts (the order matters in bf16)."""
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if plus_one:
+        return (xf * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
     return w * xf.astype(x.dtype)
 
 
 def rope_tables(config: ModelConfig, positions: Int[Array, "*b"]) -> tuple[Array, Array]:
-    """cos and sin [*b, head_dim] for positions, in float32 as HF computes them."""
-    inv_freq = jnp.asarray(config.rope.inv_freq(config.head_dim))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    """cos and sin [tables, *b, head_dim] for positions, in float32 as HF computes them: table 0
+    from `config.rope`, table 1 from `config.rope_local` when the model has one (Gemma 3's
+    local layers); `layer` picks its table by `config.layer_rope(i)`."""
+    ropes = [config.rope] + ([config.rope_local] if config.rope_local is not None else [])
+    inv_freq = jnp.asarray(np.stack([r.inv_freq(config.head_dim) for r in ropes]))  # [tables, head_dim // 2]
+    inv_freq = inv_freq.reshape(len(ropes), *([1] * positions.ndim), -1)
+    freqs = positions.astype(jnp.float32)[None, ..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 
@@ -131,9 +179,27 @@ def linear(x: Array, w: Any, b: Array | None = None) -> Array:
     return y.astype(x.dtype)
 
 
-# attend(layer_index, q, k, v, cache) -> (out, cache): attention for one layer plus whatever the
-# caller keeps across layers (the KV pool for the engine; nothing for the plain forward).
-AttendFn = Callable[[Array, Array, Array, Array, Any], tuple[Array, Any]]
+# attend(layer_index, q, k, v, cache, spec) -> (out, cache): attention for one layer (with its
+# LayerAttention `spec`: window, soft-cap, scale) plus whatever the caller keeps across layers
+# (the KV pool for the engine; nothing for the plain forward).
+AttendFn = Callable[[Array, Array, Array, Array, Any, LayerAttention], tuple[Array, Any]]
+
+
+def _per_layer(values: tuple, i: Int[Array, ""] | int, absent: int):
+    """values[i] (None -> `absent` when traced): a Python value for a Python int index or when
+    every layer agrees, else an int32 array indexed by the traced layer index."""
+    if isinstance(i, int) or len(set(values)) == 1:
+        return values[i if isinstance(i, int) else 0]
+    return jnp.asarray([absent if v is None else v for v in values], jnp.int32)[i]
+
+
+def layer_attention(config: ModelConfig, i: Int[Array, ""] | int) -> LayerAttention:
+    """Layer i's attention settings: its sliding window (a traced int32 with NO_WINDOW for the
+    global layers when local and global layers share one scan), the logit soft-cap and the
+    score scale (None: head_dim ** -0.5)."""
+    window = _per_layer(tuple(config.layer_window(j) for j in range(config.num_layers)), i, NO_WINDOW)
+    scale = None if config.query_pre_attn_scalar is None else config.attn_scale
+    return LayerAttention(window=window, softcap=config.attn_softcap, scale=scale)
 
 
 def layer(
@@ -146,23 +212,86 @@ def layer(
     i: Int[Array, ""] | int,
 ) -> tuple[Float[Array, "batch seq hidden"], Any, dict[str, Array]]:
     """One decoder layer (the only layer body: `decoder` scans it, GPTQ calibration calls it).
-    `lp` is one layer's slice of params["layers"]. Returns the new residual stream, the cache
-    and the inputs of the layer's linear weights by the first weight that reads each (wq for
-    q/k/v, wo, w_gate for gate/up, w_down), which GPTQ needs and everyone else drops."""
+    `lp` is one layer's slice of params["layers"] (with its MLP: dense, or experts when it has a
+    "router"); `i` its index, a Python int or a traced int32, from which the per-layer data
+    (window, RoPE table) is read. Family switches are static config fields. Returns the new
+    residual stream, the cache and the inputs of the layer's linear weights by the first weight
+    that reads each (wq for q/k/v, wo, w_gate for gate/up, w_down; an MoE layer has no
+    w_down tap), which GPTQ needs and everyone else drops."""
     b, t = x.shape[:2]
-    cos, sin = rope
-    h = rms_norm(x, lp["attn_norm"], config.rms_norm_eps)
+    norm = functools.partial(rms_norm, eps=config.rms_norm_eps, plus_one=config.norm_plus_one)
+    table = _per_layer(tuple(config.layer_rope(j) for j in range(config.num_layers)), i, 0)
+    cos, sin = rope[0][table], rope[1][table]
+    h = norm(x, lp["attn_norm"])
     q = linear(h, lp["wq"], lp.get("bq")).reshape(b, t, config.num_heads, config.head_dim)
     k = linear(h, lp["wk"], lp.get("bk")).reshape(b, t, config.num_kv_heads, config.head_dim)
     v = linear(h, lp["wv"], lp.get("bv")).reshape(b, t, config.num_kv_heads, config.head_dim)
+    if config.qk_norm:  # Qwen3 / Gemma 3: per-head RMSNorm, before RoPE
+        q, k = norm(q, lp["q_norm"]), norm(k, lp["k_norm"])
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    o, cache = attend(i, q, k, v, cache)
+    o, cache = attend(i, q, k, v, cache, layer_attention(config, i))
     o = o.reshape(b, t, config.q_size)
-    x = x + linear(o, lp["wo"], lp.get("bo"))
-    h2 = rms_norm(x, lp["mlp_norm"], config.rms_norm_eps)
-    act = jax.nn.silu(linear(h2, lp["w_gate"], lp.get("b_gate"))) * linear(h2, lp["w_up"], lp.get("b_up"))
-    x = x + linear(act, lp["w_down"], lp.get("b_down"))
-    return x, cache, {"wq": h, "wo": o, "w_gate": h2, "w_down": act}
+    a = linear(o, lp["wo"], lp.get("bo"))
+    x = x + (norm(a, lp["attn_out_norm"]) if config.sandwich_norms else a)
+    h2 = norm(x, lp["mlp_norm"])
+    taps = {"wq": h, "wo": o, "w_gate": h2}
+    if "router" in lp:
+        m = moe_mlp(config, lp, h2)
+    else:
+        act = activation(config, linear(h2, lp["w_gate"], lp.get("b_gate"))) * linear(h2, lp["w_up"], lp.get("b_up"))
+        m = linear(act, lp["w_down"], lp.get("b_down"))
+        taps["w_down"] = act
+    x = x + (norm(m, lp["mlp_out_norm"]) if config.sandwich_norms else m)
+    return x, cache, taps
+
+
+Segment = tuple[int, tuple[bool, ...], int]  # (first layer, is-MoE pattern of the scan body, repeats)
+
+
+def layer_segments(config: ModelConfig, max_period: int = 4) -> tuple[Segment, ...]:
+    """How `decoder` scans a stacked model whose layers differ in shape (dense vs MoE MLP).
+
+    One segment when the layer kinds repeat with a period <= max_period (all alike: period 1,
+    the common case; decoder_sparse_step = 2: period 2); otherwise one segment per run of equal
+    kinds (e.g. mlp_only_layers = [0]: a dense first layer, then one scan over the MoE layers).
+    """
+    kinds = tuple(config.is_moe(i) for i in range(config.num_layers))
+    n = len(kinds)
+    for p in range(1, max_period + 1):
+        if n % p == 0 and all(kinds[i] == kinds[i % p] for i in range(n)):
+            return ((0, kinds[:p], n // p),)
+    runs, start = [], 0
+    for i in range(1, n + 1):
+        if i == n or kinds[i] != kinds[start]:
+            runs.append((start, (kinds[start],), i - start))
+            start = i
+    return tuple(runs)
+
+
+def _segment_params(config: ModelConfig, layers: Params, segment: Segment) -> tuple[Params, ...]:
+    """Per position j of the segment's pattern, the stacked [repeats, ...] parameters of the
+    layers at that position: strided slices of the all-layer stacks and of the position's group
+    (the j-th layer of each repeat is layer start + j + p * step, and its rank in its group
+    grows by the pattern's count of its kind per step). For a one-segment model these are the
+    whole stacks."""
+    start, pattern, repeats = segment
+    p = len(pattern)
+    out = []
+    for j, moe in enumerate(pattern):
+        rank, per_step = _group_rank(config, start + j), pattern.count(moe)
+        kind = "moe" if moe else "dense"
+        lp = {}
+        for key, value in layers.items():
+            group = _group(key)
+            if group == "all":
+                sl = slice(start + j, start + p * repeats, p)
+            elif group == kind:
+                sl = slice(rank, rank + per_step * repeats, per_step)
+            else:
+                continue
+            lp[key] = jax.tree.map(lambda a, sl=sl: a[sl], value)
+        out.append(lp)
+    return tuple(out)
 
 
 def decoder(
@@ -172,35 +301,45 @@ def decoder(
     attend: AttendFn,
     cache: Any,
 ) -> tuple[Float[Array, "batch seq hidden"], Any]:
-    """Embeds tokens, runs every layer (a lax.scan over stacked weights, a Python loop over
-    unstacked ones) and the final norm. `attend` gets the layer index: a traced int32 in the
-    scan, a Python int in the loop."""
+    """Embeds tokens, runs every layer (lax.scans over stacked weights, see `layer_segments`; a
+    Python loop over unstacked ones) and the final norm. `attend` gets the layer index: a
+    traced int32 in the scan, a Python int in the loop."""
     cfg, p = model.config, model.params
     x = p["embed"][tokens].astype(model.dtype)
+    if cfg.embed_scale:  # Gemma: sqrt(hidden) rounded to the activation dtype, as transformers does
+        x = x * jnp.asarray(cfg.hidden_size**0.5, x.dtype)
     rope = rope_tables(cfg, positions)
     if isinstance(p["layers"], tuple):  # unstacked: the layer index is a Python int
         for i, lp in enumerate(p["layers"]):
             x, cache, _ = layer(cfg, lp, x, rope, attend, cache, i)
     else:
-        def body(carry, lp):
-            x, cache, i = carry
-            x, cache, _ = layer(cfg, lp, x, rope, attend, cache, i)
-            return (x, cache, i + 1), None
+        for segment in layer_segments(cfg):
+            start, pattern, _ = segment
 
-        (x, cache, _), _ = jax.lax.scan(body, (x, cache, jnp.int32(0)), p["layers"])
-    return rms_norm(x, p["final_norm"], cfg.rms_norm_eps), cache
+            def body(carry, lps, start=start, p=len(pattern)):
+                x, cache, step = carry
+                for j, lp in enumerate(lps):
+                    x, cache, _ = layer(cfg, lp, x, rope, attend, cache, start + j + p * step)
+                return (x, cache, step + 1), None
+
+            (x, cache, _), _ = jax.lax.scan(body, (x, cache, jnp.int32(0)), _segment_params(cfg, p["layers"], segment))
+    return rms_norm(x, p["final_norm"], cfg.rms_norm_eps, cfg.norm_plus_one), cache
 
 
 def lm_head(model: Model, h: Float[Array, "*b hidden"]) -> Float[Array, "*b vocab"]:
-    p = model.params
-    w = p["embed"].T if model.config.tie_word_embeddings else p["lm_head"]
-    return jnp.einsum("...i,io->...o", h.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    """float32 logits; Gemma 2's final soft-cap, cap * tanh(logits / cap), included."""
+    p, cfg = model.params, model.config
+    w = p["embed"].T if cfg.tie_word_embeddings else p["lm_head"]
+    logits = jnp.einsum("...i,io->...o", h.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    if cfg.final_softcap is not None:
+        logits = cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
+    return logits
 
 
 def causal_attend(config: ModelConfig) -> AttendFn:
     """The cache-free attention of a full-sequence forward (every row full, causal)."""
-    def attend(i, q, k, v, cache):
-        return prefill_attention(q, k, v, lengths=None, sliding_window=config.sliding_window), cache
+    def attend(i, q, k, v, cache, spec):
+        return prefill_attention(q, k, v, lengths=None, **spec.kwargs()), cache
 
     return attend
 

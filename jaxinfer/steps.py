@@ -246,14 +246,12 @@ def prefill(cfg: EngineConfig, model: Model, state: EngineState, chunk: Chunk) -
     in_chunk = jnp.arange(t)[None, :] < n[:, None]
     write_page = jnp.where(in_chunk, jnp.take_along_axis(table, jnp.minimum(pos // ps, table.shape[1] - 1), 1), NULL_PAGE)
     write_off = pos % ps
-    window = model.config.sliding_window
 
-    def attend(i, q, k, v, kv):
+    def attend(i, q, k, v, kv, spec):  # spec: the layer's window / soft-cap / scale
         kp, vp = kv
         kp = kp.at[i, write_page, write_off].set(k.astype(kp.dtype))
         vp = vp.at[i, write_page, write_off].set(v.astype(vp.dtype))
-        o = chunk_attention(q, k, v, kp, vp, i, table, start, n, sliding_window=window,
-                            backend=cfg.attention_backend)
+        o = chunk_attention(q, k, v, kp, vp, i, table, start, n, backend=cfg.attention_backend, **spec.kwargs())
         return o, (kp, vp)
 
     h, (k_pages, v_pages) = decoder(model, chunk.tokens, pos, attend, (state.k_pages, state.v_pages))

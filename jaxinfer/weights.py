@@ -145,13 +145,18 @@ def save_model(model: Model, path: str | Path, max_shard_bytes: int | None = Non
 
     host = jax.device_get(model.params)
 
+    def part(key: str, spec: TensorSpec) -> np.ndarray:
+        arr = host[key] if spec.layer is None else host["layers"][key][spec.layer]
+        return arr.T if spec.transpose else arr
+
     def hf_tensor(spec: TensorSpec) -> np.ndarray:
-        arr = host[spec.key] if spec.layer is None else host["layers"][spec.key][spec.layer]
-        return np.ascontiguousarray(arr.T if spec.transpose else arr)
+        # A fused HF tensor (Phi-3's qkv_proj, gate_up_proj) is its parts stacked on the out axis.
+        return np.ascontiguousarray(np.concatenate([part(key, spec) for key, _, _ in spec.destinations()]))
 
     specs = hf_tensor_specs(config)
     nbytes = {
-        n: math.prod(s.shape) * (host[s.key] if s.layer is None else host["layers"][s.key]).itemsize
+        n: math.prod(s.shape) * (host[s.destinations()[0][0]] if s.layer is None
+                                 else host["layers"][s.destinations()[0][0]]).itemsize
         for n, s in specs.items()
     }
     shards: list[list[str]] = [[]]

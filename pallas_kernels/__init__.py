@@ -6,11 +6,13 @@
 
 (The kernel functions are not re-exported here: their names are the submodules' names.)
 `is_sm90()` says whether the kernels can run on a device; `masked_softmax` is the references'
-NaN-safe masked softmax.
+NaN-safe masked softmax, `soft_cap` their logit soft-cap; `NO_WINDOW` spells "no sliding
+window" as a traced int32 window.
 """
 
-from pallas_kernels._common import is_sm90, masked_softmax
+from pallas_kernels._common import NO_WINDOW, is_sm90, masked_softmax, soft_cap
 from pallas_kernels.flash_attention import flash_attention_reference
 from pallas_kernels.paged_attention import paged_attention_reference
 
-__all__ = ["flash_attention_reference", "is_sm90", "masked_softmax", "paged_attention_reference"]
+__all__ = ["NO_WINDOW", "flash_attention_reference", "is_sm90", "masked_softmax", "paged_attention_reference",
+           "soft_cap"]

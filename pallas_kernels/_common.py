@@ -1,7 +1,11 @@
 """What the three kernels share: the Hopper (sm_90) limits they are written for, the device
 check that says whether they can run, the interpret-mode switch, the input checks the
-references and the kernels' validators have in common, and the masked softmax of the two
-attention references (so both oracles mask identically)."""
+references and the kernels' validators have in common, the masked softmax of the two
+attention references (so both oracles mask identically) and the logit soft-cap of all four.
+
+Sliding windows may be Python ints (static) or traced int32 scalars (one compiled program for
+layers with different windows, e.g. Gemma's local and global layers inside one layer scan);
+`NO_WINDOW` is the traced spelling of "no window" (larger than any sequence)."""
 
 from typing import Any
 
@@ -41,9 +45,39 @@ def check_heads(q_heads: int, kv_heads: int, q_head_dim: int, kv_head_dim: int) 
         raise ValueError(f"head_dim mismatch: q has {q_head_dim}, k/v have {kv_head_dim}")
 
 
-def check_window(sliding_window: int | None) -> None:
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be None or >= 1, got {sliding_window}")
+NO_WINDOW = 2**30  # a traced window this large never hides a key (sequences are far shorter)
+
+
+def check_window(sliding_window) -> None:
+    """None, an int >= 1, or a traced/concrete int32 scalar (its value is the caller's to check)."""
+    if sliding_window is None:
+        return
+    if isinstance(sliding_window, int) and not isinstance(sliding_window, bool):
+        if sliding_window < 1:
+            raise ValueError(f"sliding_window must be None or >= 1, got {sliding_window}")
+        return
+    if getattr(sliding_window, "shape", None) != () or not jnp.issubdtype(sliding_window.dtype, jnp.integer):
+        raise ValueError(f"sliding_window must be None, an int >= 1 or an integer scalar array, got {sliding_window!r}")
+
+
+def check_softcap(softcap) -> None:
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or softcap <= 0):
+        raise ValueError(f"softcap must be None or a positive number, got {softcap!r}")
+
+
+def soft_cap(scores: Float[Array, "*b"], softcap: float | None) -> Float[Array, "*b"]:
+    """Gemma 2's attention-logit soft-capping, `cap * tanh(scores / cap)` on the scaled scores
+    (transformers' order: scale, divide by cap, tanh, multiply by cap); identity for None."""
+    if softcap is None:
+        return scores
+    return softcap * jnp.tanh(scores / softcap)
+
+
+def tanh_via_exp2(x: Float[Array, "*b"]) -> Float[Array, "*b"]:
+    """tanh(x) = 1 - 2 / (exp(2x) + 1), for the kernels: Mosaic GPU's approximate tanh
+    (tanh.approx.f32) has a relative error of 2^-11, which a cap of 50 turns into 0.02 of score
+    error; ex2.approx is accurate to ~2^-22. Saturates cleanly (exp2 -> inf or 0 gives +-1)."""
+    return 1.0 - 2.0 / (jnp.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
 
 
 def require_int(name: str, dtype: jnp.dtype) -> None:

@@ -24,15 +24,19 @@ from pallas_kernels._common import (
     SMEM_BYTES,
     SUPPORTED_DTYPES,
     check_heads,
+    check_softcap,
     check_window,
     interpret_params,
     masked_softmax,
     require_int,
+    soft_cap,
+    tanh_via_exp2,
 )
 
 Queries = Float[Array, "batch seq q_heads head_dim"]
 KeysValues = Float[Array, "batch seq kv_heads head_dim"]
 Lengths = Int[Array, "batch"]
+Window = int | Int[Array, ""] | None  # static int, traced int32 scalar, or no window
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -96,6 +100,12 @@ DEFAULT_TUNING_CONFIG = TuningConfig()
 #   all its query rows are padding). The first `full_steps` tiles need no mask at all (entirely
 #   below the diagonal and inside the row's length); only the remaining <= 2 tiles pay for the
 #   iota/compare/where mask.
+# Sliding window W (a runtime scalar, so local and global layers share one program): tiles
+#   entirely below every row's window (cols < q_start - W + 1) are skipped: the loop starts at
+#   `first`; tiles [first, mid_lo) straddle the window's lower edge and are masked, tiles
+#   [mid_lo, mid_hi) are whole for every row, [mid_hi, kv_steps) are the masked diagonal tail.
+#   The K/V ring is indexed by the absolute step, so it simply starts at slot first % slots.
+# Soft-cap (static): scores become cap * tanh(scale * q.k / cap) before the base-2 softmax.
 # Padding: keys at j >= lengths[b] get score -inf (selected with `where`, so NaN garbage in
 #   padded K never reaches the softmax); padded V rows are zeroed by the wrapper with `where`
 #   (0 * NaN would otherwise leak through P V); query rows i >= lengths[b] are written as 0.
@@ -107,14 +117,18 @@ def _flash_attention_kernel_call(
     k: jax.Array,
     v: jax.Array,
     lengths: jax.Array,
+    window: jax.Array,
     *,
     causal: bool,
+    windowed: bool,
+    softcap: float | None,
     scale: float,
     config: TuningConfig,
     return_lse: bool,
     interpret: Any,
 ):
-    """plgpu.kernel launch on seq-padded inputs (seq a multiple of block_q and block_kv)."""
+    """plgpu.kernel launch on seq-padded inputs (seq a multiple of block_q and block_kv).
+    `window` [1] int32 is read only when `windowed`."""
     batch, seq, q_heads, head_dim = q.shape
     kv_heads = k.shape[2]
     group = q_heads // kv_heads
@@ -132,7 +146,12 @@ def _flash_attention_kernel_call(
     def iota(shape, dim):
         return layout(lax.broadcasted_iota(jnp.int32, shape, dim), plgpu.Layout.WGMMA)
 
-    def kernel(lengths_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped):
+    def scores_log2(s):  # raw q.k -> scaled (and soft-capped) scores in base 2
+        if softcap is None:
+            return s * qk_scale
+        return tanh_via_exp2(s * (scale / softcap)) * (softcap * _LOG2E)
+
+    def kernel(lengths_ref, window_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scoped):
         q_smem, k_smem, v_smem, p_smem, lse_smem, kt_smem, q_bar, k_bars, v_bars = scoped
         head = lax.axis_index("heads")
         q_block = lax.axis_index("q_blocks")
@@ -146,6 +165,16 @@ def _flash_attention_kernel_call(
         # Tiles every row of this block sees whole: below the diagonal and inside the length.
         unmasked_end = jnp.minimum(length, q_start + 1) if causal else length
         full_steps = jnp.minimum(kv_steps, lax.div(unmasked_end, jnp.int32(block_kv)))
+        if windowed:
+            w = window_ref[0]
+            # Row q_start sees cols >= q_start - w + 1; row q_start + block_q - 1 sees every col
+            # >= q_start + block_q - w, so tiles from there on are whole on the window side.
+            first = jnp.minimum(lax.div(jnp.maximum(q_start - w + 1, 0), jnp.int32(block_kv)), kv_steps)
+            whole_from = pl.cdiv(jnp.maximum(q_start + block_q - w, 0), jnp.int32(block_kv))
+            mid_lo = jnp.clip(whole_from, first, kv_steps)
+            mid_hi = jnp.clip(full_steps, mid_lo, kv_steps)
+        else:
+            first, mid_lo, mid_hi = jnp.int32(0), jnp.int32(0), full_steps
 
         def kv_tile(ref, step):
             return ref.at[b, pl.ds(step * block_kv, block_kv), kv_head]
@@ -158,10 +187,10 @@ def _flash_attention_kernel_call(
 
         plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_start, block_q), head], q_smem, q_bar)
         for i in range(slots):
-            @pl.when(i < kv_steps)
+            @pl.when(first + i < kv_steps)
             def _prologue():
-                fetch_k(i, i)
-                fetch_v(i, i)
+                fetch_k(first + i, lax.rem(first + i, jnp.int32(slots)))
+                fetch_v(first + i, lax.rem(first + i, jnp.int32(slots)))
         plgpu.barrier_wait(q_bar)
 
         def step_body(step, carry, *, masked):
@@ -186,13 +215,15 @@ def _flash_attention_kernel_call(
             def _prefetch_k():  # the Q K^T wgmma has retired: this K slot is free
                 fetch_k(step + slots, slot)
 
-            s = s * qk_scale
+            s = scores_log2(s)
             if masked:
                 rows = iota((block_q, block_kv), 0) + q_start
                 cols = iota((block_q, block_kv), 1) + step * block_kv
                 visible = cols < length
                 if causal:
                     visible = visible & (cols <= rows)
+                if windowed:
+                    visible = visible & (rows - cols < w)
                 s = jnp.where(visible, s, -jnp.inf)
             m_new = jnp.maximum(m_i, s.max(axis=1))
             m_sub = m_new
@@ -225,9 +256,11 @@ def _flash_attention_kernel_call(
             layout(jnp.full((block_q,), -jnp.inf, jnp.float32), reduced),
             layout(jnp.zeros((block_q,), jnp.float32), reduced),
         )
-        carry = lax.fori_loop(0, full_steps, functools.partial(step_body, masked=False), carry)
+        if windowed:  # the window's lower edge
+            carry = lax.fori_loop(first, mid_lo, functools.partial(step_body, masked=True), carry)
+        carry = lax.fori_loop(mid_lo, mid_hi, functools.partial(step_body, masked=False), carry)
         acc, m_i, l_i = lax.fori_loop(
-            full_steps, kv_steps, functools.partial(step_body, masked=True), carry)
+            mid_hi, kv_steps, functools.partial(step_body, masked=True), carry)
 
         rows = iota((block_q, head_dim), 0) + q_start
         l_safe = jnp.where(l_i > 0, l_i, 1.0)
@@ -242,7 +275,7 @@ def _flash_attention_kernel_call(
             plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, head, pl.ds(q_start, block_q)])
         plgpu.wait_smem_to_gmem(0)
 
-    def entry(lengths_ref, q_ref, k_ref, v_ref, out_ref, lse_ref=None):
+    def entry(lengths_ref, window_ref, q_ref, k_ref, v_ref, out_ref, lse_ref=None):
         transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
         scratch = [
             plgpu.SMEM((block_q, head_dim), dtype, transforms=transforms),
@@ -256,7 +289,7 @@ def _flash_attention_kernel_call(
             plgpu.Barrier(num_barriers=slots),
         ]
         pl.run_scoped(
-            lambda *refs: kernel(lengths_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, refs), *scratch)
+            lambda *refs: kernel(lengths_ref, window_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, refs), *scratch)
 
     out_type = [jax.ShapeDtypeStruct(q.shape, dtype)]
     if return_lse:  # seq minor-most, so an LSE row block is one contiguous 1-D TMA
@@ -269,7 +302,7 @@ def _flash_attention_kernel_call(
         grid_names=("heads", "q_blocks", "batch"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **kwargs,
-    )(lengths, q, k, v)
+    )(lengths, window, q, k, v)
     return (outs[0], outs[1]) if return_lse else outs[0]
 
 
@@ -297,11 +330,14 @@ def _check_shapes(
         raise ValueError(f"lengths must have shape [batch] = {q_shape[:1]}, got {lengths_shape}")
 
 
-def check_flash_attention_kernel_inputs(q, k, v, lengths=None, config: Any = None, return_lse: bool = False) -> None:
+def check_flash_attention_kernel_inputs(q, k, v, lengths=None, config: Any = None, return_lse: bool = False, *,
+                                        sliding_window: Window = None, softcap: float | None = None) -> None:
     """ValueErrors for inputs the kernel cannot take (on top of the reference's shape checks).
     Works on arrays, tracers and ShapeDtypeStructs."""
     config = DEFAULT_TUNING_CONFIG if config is None else config
     _check_shapes(q.shape, k.shape, v.shape, None if lengths is None else lengths.shape)
+    check_window(sliding_window)
+    check_softcap(softcap)
     dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
     if len(dtypes) != 1:
         raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -323,9 +359,11 @@ def check_flash_attention_kernel_inputs(q, k, v, lengths=None, config: Any = Non
 _check_kernel_inputs = check_flash_attention_kernel_inputs  # the name the kernel tests use
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "scale", "config", "return_lse", "interpret"))
-def _flash_attention_jit(q, k, v, lengths, *, causal, scale, config, return_lse, interpret):
+@functools.partial(jax.jit, static_argnames=("causal", "softcap", "scale", "config", "return_lse", "interpret"))
+def _flash_attention_jit(q, k, v, lengths, window, *, causal, softcap, scale, config, return_lse, interpret):
     batch, seq = q.shape[:2]
+    windowed = window is not None
+    window = jnp.ones((1,), jnp.int32) if window is None else jnp.reshape(window, (1,)).astype(jnp.int32)
     if lengths is None:
         lengths = jnp.full((batch,), seq, jnp.int32)
     else:
@@ -340,8 +378,8 @@ def _flash_attention_jit(q, k, v, lengths, *, causal, scale, config, return_lse,
         pad = ((0, 0), (0, padded - seq), (0, 0), (0, 0))
         q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
     res = _flash_attention_kernel_call(
-        q, k, v, lengths, causal=causal, scale=scale, config=config, return_lse=return_lse,
-        interpret=interpret_params(interpret))
+        q, k, v, lengths, window, causal=causal, windowed=windowed, softcap=softcap, scale=scale, config=config,
+        return_lse=return_lse, interpret=interpret_params(interpret))
     if not return_lse:
         return res[:, :seq]
     out, lse = res
@@ -360,6 +398,8 @@ def flash_attention(
     interpret: Any = False,
     scale: float | None = None,
     return_lse: bool = False,
+    sliding_window: Window = None,
+    softcap: float | None = None,
 ) -> Queries | tuple[Queries, Float[Array, "batch q_heads seq"]]:
     """Causal/padded GQA prefill attention on Hopper (Mosaic GPU), same masks as the reference.
 
@@ -370,12 +410,18 @@ def flash_attention(
     multiple of the tile size internally. With `return_lse`, also returns the natural-log
     log-sum-exp of the scaled scores, `[batch, q_heads, seq]` f32, -inf on padded rows.
     `interpret=True` (or an `InterpretGPUParams`) runs the GPU interpreter (CPU testing).
+    `sliding_window` (an int or a traced int32 scalar: one compiled program for every window)
+    and `softcap` (a static float) as in the reference; tiles below every row's window are
+    skipped.
     """
     config = DEFAULT_TUNING_CONFIG if config is None else config
-    check_flash_attention_kernel_inputs(q, k, v, lengths, config, return_lse)
+    check_flash_attention_kernel_inputs(q, k, v, lengths, config, return_lse, sliding_window=sliding_window,
+                                        softcap=softcap)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _flash_attention_jit(q, k, v, lengths, causal=bool(causal), scale=scale, config=config,
-                                return_lse=bool(return_lse), interpret=interpret)
+    window = None if sliding_window is None else jnp.asarray(sliding_window, jnp.int32)
+    return _flash_attention_jit(q, k, v, lengths, window, causal=bool(causal),
+                                softcap=None if softcap is None else float(softcap), scale=scale,
+                                config=config, return_lse=bool(return_lse), interpret=interpret)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,10 +436,12 @@ def flash_attention_reference(
     *,
     lengths: Lengths | None = None,
     causal: bool = True,
-    sliding_window: int | None = None,
+    sliding_window: Window = None,
     scale: float | None = None,
+    softcap: float | None = None,
 ) -> Queries:
-    """Masked multi-head attention with GQA, padding, causal and sliding-window masks.
+    """Masked multi-head attention with GQA, padding, causal and sliding-window masks, and
+    optional logit soft-capping.
 
     Key j is visible to query i iff
       * j < lengths[b]                       (keys past a row's length are padding),
@@ -402,6 +450,8 @@ def flash_attention_reference(
                           itself and the W-1 previous tokens; with `causal=False` the window
                           only limits how far back a query looks, never forward).
     Query rows at i >= lengths[b] return exactly 0. `lengths=None` means every row is full.
+    `sliding_window` may be a traced int32 scalar (`_common.NO_WINDOW`: none). With
+    `softcap=c` the scaled scores s become c * tanh(s / c) before the softmax (Gemma 2).
 
     Query head h reads KV head h // (q_heads // kv_heads). Scores and softmax are float32
     (HIGHEST matmul precision, so GPU TF32 does not blur the oracle); the result has q's dtype.
@@ -413,10 +463,11 @@ def flash_attention_reference(
         require_int("lengths", lengths.dtype)
     _check_shapes(q.shape, k.shape, v.shape, None if lengths is None else lengths.shape)
     check_window(sliding_window)
+    check_softcap(softcap)
     if lengths is None:
         lengths = jnp.full((q.shape[0],), q.shape[1], jnp.int32)
     return _attention(q, k, v, lengths, causal, sliding_window,
-                      q.shape[-1] ** -0.5 if scale is None else scale)
+                      q.shape[-1] ** -0.5 if scale is None else scale, softcap)
 
 
 def _attention(
@@ -425,8 +476,9 @@ def _attention(
     v: KeysValues,
     lengths: Lengths,
     causal: bool,
-    sliding_window: int | None,
+    sliding_window: Window,
     scale: float,
+    softcap: float | None = None,
 ) -> Queries:
     # Design: build one [batch, q_pos, k_pos] visibility mask, zero every padded q/k/v entry
     # so NaN garbage never meets a multiply (0 * NaN = NaN), and take a max-subtracted softmax
@@ -446,7 +498,7 @@ def _attention(
     keep = in_row[:, :, None, None]
     q32, k32, v32 = (jnp.where(keep, x.astype(jnp.float32), 0.0) for x in (q, k, v))
     qg = q32.reshape(batch, seq, kv_heads, q_heads // kv_heads, head_dim)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k32, precision=HIGHEST) * scale
+    scores = soft_cap(jnp.einsum("bqkgd,bskd->bkgqs", qg, k32, precision=HIGHEST) * scale, softcap)
     probs = masked_softmax(scores, mask[:, None, None])
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v32, precision=HIGHEST)
     out = out.reshape(batch, seq, q_heads, head_dim)

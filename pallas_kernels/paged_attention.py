@@ -19,16 +19,20 @@ from pallas_kernels._common import (
     SMEM_BYTES,
     SUPPORTED_DTYPES,
     check_heads,
+    check_softcap,
     check_window,
     interpret_params,
     masked_softmax,
     require_int,
+    soft_cap,
+    tanh_via_exp2,
 )
 
 DecodeQueries = Float[Array, "slots q_heads head_dim"]
 LayerPages = Float[Array, "pages page_size kv_heads head_dim"]
 PageTable = Int[Array, "slots pages_per_seq"]
 SlotInts = Int[Array, "slots"]
+Window = int | Int[Array, ""] | None  # static int, traced int32 scalar, or no window
 
 _WGMMA_M = 64  # wgmma tile height: the group's q heads are padded up to this many rows
 _SUPPORTED_HEAD_DIMS = (64, 128)
@@ -94,6 +98,11 @@ def _smem_bytes(config: TuningConfig, head_dim: int, itemsize: int, page_size: i
 #   last block), so NaN garbage past a slot's length can never reach the output.
 # Each CTA writes its normalised partial output (the group's rows only) and its base-2
 # log-sum-exp; a small jnp epilogue combines the splits.
+# Sliding window: the wrapper turns it into each slot's first visible position
+# `start = max(0, length - W)`; the CTAs split the blocks [start // block_kv, cdiv(length,
+# block_kv)) instead of [0, ...), so blocks below the window are never read, and the mask is
+# start <= t < length (V rows outside it are zeroed in the two edge blocks). Soft-cap (static):
+# scores become cap * tanh(scale * q.k / cap) before the base-2 softmax.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -109,11 +118,12 @@ def _with_layout(x, layout, interpret: bool):
 
 
 def _paged_decode_kernel_call(
-    q_pad, k_pages, v_pages, table, lengths, *,
-    group: int, block_kv: int, num_splits: int, num_buffers: int, scale: float, interpret,
+    q_pad, k_pages, v_pages, table, lengths, starts, *,
+    group: int, block_kv: int, num_splits: int, num_buffers: int, scale: float, softcap: float | None, interpret,
 ):
     """Runs the kernel. q_pad [slots, kv_heads, 64, head_dim]; table already clamped and
-    padded to whole blocks; lengths already clipped to the table. Returns the partial outputs
+    padded to whole blocks; lengths already clipped to the table; starts [slots] the first
+    visible position of each slot (0 without a window). Returns the partial outputs
     f32 [slots, kv_heads, num_splits, group, head_dim] and base-2 log-sum-exps f32
     [slots, kv_heads, num_splits, 64] (rows >= group are padding)."""
     slots, kv_heads, rows, head_dim = q_pad.shape
@@ -123,15 +133,22 @@ def _paged_decode_kernel_call(
     is_interp = interpret is not None
     scale_log2 = scale * _LOG2E
 
-    def body(table_ref, len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
+    def scores_log2(s):  # raw q.k -> scaled (and soft-capped) scores in base 2
+        if softcap is None:
+            return s * scale_log2
+        return tanh_via_exp2(s * (scale / softcap)) * (softcap * _LOG2E)
+
+    def body(table_ref, len_ref, start_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
              q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_bar, k_bars, v_bars):
         kvh = lax.axis_index("kv_head")
         split = lax.axis_index("split")
         slot = lax.axis_index("slot")
         length = len_ref[slot]
+        lo = start_ref[slot]  # first visible position (the window's lower edge)
         num_blocks = lax.div(length + (block_kv - 1), jnp.int32(block_kv))
-        per_split = lax.div(num_blocks + (num_splits - 1), jnp.int32(num_splits))
-        start = jnp.minimum(split * per_split, num_blocks)
+        first_block = jnp.minimum(lax.div(lo, jnp.int32(block_kv)), num_blocks)
+        per_split = lax.div(num_blocks - first_block + (num_splits - 1), jnp.int32(num_splits))
+        start = jnp.minimum(first_block + split * per_split, num_blocks)
         end = jnp.minimum(start + per_split, num_blocks)
 
         def issue(blk, buf):
@@ -169,7 +186,7 @@ def _paged_decode_kernel_call(
 
             s = pl.run_scoped(qk, plgpu.ACC((rows, block_kv), jnp.float32))
             cols = _row_iota((rows, block_kv), 1, is_interp) + i * block_kv
-            s = jnp.where(cols < length, s * scale_log2, -jnp.inf)
+            s = jnp.where((cols < length) & (cols >= lo), scores_log2(s), -jnp.inf)
             m_new = jnp.maximum(m_i, s.max(axis=1))
             alpha = jnp.exp2(m_i - m_new)
             p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -179,11 +196,11 @@ def _paged_decode_kernel_call(
             for j in range(pages_per_block):
                 plgpu.barrier_wait(v_bars.at[buf * pages_per_block + j])
 
-            @pl.when((i + 1) * block_kv > length)
-            def _zero_v_tail():  # NaN-safe: p is 0 there, but 0 * NaN is not
+            @pl.when(((i + 1) * block_kv > length) | (i * block_kv < lo))
+            def _zero_v_edges():  # NaN-safe: p is 0 there, but 0 * NaN is not
                 v = v_smem[buf]
                 r = _row_iota((block_kv, head_dim), 0, is_interp) + i * block_kv
-                v_smem[buf] = jnp.where(r < length, v, jnp.zeros_like(v))
+                v_smem[buf] = jnp.where((r < length) & (r >= lo), v, jnp.zeros_like(v))
 
             plgpu.commit_smem()
 
@@ -232,7 +249,7 @@ def _paged_decode_kernel_call(
         grid_names=("kv_head", "split", "slot"),
         interpret=interpret,
     )
-    return call(table, lengths, q_pad, k_pages, v_pages)
+    return call(table, lengths, starts, q_pad, k_pages, v_pages)
 
 
 def _combine_splits(o_part, lse_part, group: int):
@@ -277,13 +294,11 @@ def _check_shapes(
 
 
 def check_paged_attention_kernel_inputs(q, k_pages, v_pages, page_table, lengths, *,
-                                        sliding_window=None, config=None) -> TuningConfig:
-    """Raises (ValueError / NotImplementedError) for inputs the kernel does not support;
-    returns the effective TuningConfig. Works on arrays, tracers and ShapeDtypeStructs."""
-    if sliding_window is not None:
-        raise NotImplementedError(
-            "paged_attention (Mosaic GPU kernel) does not implement sliding_window yet; "
-            "use paged_attention_reference for sliding-window layers")
+                                        sliding_window=None, softcap=None, config=None) -> TuningConfig:
+    """Raises ValueError for inputs the kernel does not support; returns the effective
+    TuningConfig. Works on arrays, tracers and ShapeDtypeStructs."""
+    check_window(sliding_window)
+    check_softcap(softcap)
     require_int("page_table", page_table.dtype)
     require_int("lengths", lengths.dtype)
     _check_shapes(q.shape, k_pages.shape, v_pages.shape, page_table.shape, lengths.shape)
@@ -316,7 +331,7 @@ def check_paged_attention_kernel_inputs(q, k_pages, v_pages, page_table, lengths
     return config
 
 
-def _paged_attention_kernel(q, k_pages, v_pages, page_table, lengths, *, scale, config, interpret):
+def _paged_attention_kernel(q, k_pages, v_pages, page_table, lengths, window, *, scale, softcap, config, interpret):
     slots, q_heads, head_dim = q.shape
     num_pages, page_size, kv_heads, _ = k_pages.shape
     group = q_heads // kv_heads
@@ -331,16 +346,18 @@ def _paged_attention_kernel(q, k_pages, v_pages, page_table, lengths, *, scale, 
     table = jnp.clip(page_table.astype(jnp.int32), 0, num_pages - 1)
     table = jnp.pad(table, ((0, 0), (0, num_blocks * pages_per_block - pages_per_seq)))
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, pages_per_seq * page_size)
+    # The query sits at length - 1 and sees the W - 1 positions before it.
+    starts = jnp.zeros_like(lengths) if window is None else jnp.maximum(lengths - window.astype(jnp.int32), 0)
     o_part, lse_part = _paged_decode_kernel_call(
-        q_pad, k_pages, v_pages, table, lengths,
+        q_pad, k_pages, v_pages, table, lengths, starts,
         group=group, block_kv=block_kv, num_splits=num_splits,
-        num_buffers=config.num_buffers, scale=scale, interpret=interpret)
+        num_buffers=config.num_buffers, scale=scale, softcap=softcap, interpret=interpret)
     out = _combine_splits(o_part, lse_part, group)
     return out.reshape(slots, q_heads, head_dim).astype(q.dtype)
 
 
 _paged_attention_kernel_jit = jax.jit(
-    _paged_attention_kernel, static_argnames=("scale", "config", "interpret"))
+    _paged_attention_kernel, static_argnames=("scale", "softcap", "config", "interpret"))
 
 
 def paged_attention(
@@ -350,8 +367,9 @@ def paged_attention(
     page_table: PageTable,
     lengths: SlotInts,
     *,
-    sliding_window: int | None = None,
+    sliding_window: Window = None,
     scale: float | None = None,
+    softcap: float | None = None,
     config: TuningConfig | None = None,
     interpret: Any = False,  # bool, or an InterpretGPUParams (e.g. detect_races=True)
 ) -> DecodeQueries:
@@ -361,16 +379,18 @@ def paged_attention(
     k/v pages [pages, page_size, kv_heads, head_dim], int page_table [slots, pages_per_seq],
     int lengths [slots] including the query token; length 0 -> 0). bf16/fp16 inputs, f32
     scores/softmax/accumulation, q's dtype out. head_dim 64/128, page_size 16/32/64,
-    q_heads // kv_heads <= 64. `sliding_window` raises NotImplementedError. `interpret=True`
+    q_heads // kv_heads <= 64. `sliding_window` (an int or a traced int32 scalar) skips the
+    blocks below the window; `softcap` (static) caps the scores. `interpret=True`
     runs the GPU interpreter on CPU (tests; on JAX 0.10.2 it needs the wgmma-transpose patch
     in tests/pallas_kernels/interpreter_patch.py). Jitted inside; callable under jit.
     """
     config = check_paged_attention_kernel_inputs(
-        q, k_pages, v_pages, page_table, lengths, sliding_window=sliding_window, config=config)
+        q, k_pages, v_pages, page_table, lengths, sliding_window=sliding_window, softcap=softcap, config=config)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    return _paged_attention_kernel_jit(q, k_pages, v_pages, page_table, lengths,
-                                       scale=scale, config=config,
-                                       interpret=interpret_params(interpret))
+    window = None if sliding_window is None else jnp.asarray(sliding_window, jnp.int32)
+    return _paged_attention_kernel_jit(q, k_pages, v_pages, page_table, lengths, window,
+                                       scale=scale, softcap=None if softcap is None else float(softcap),
+                                       config=config, interpret=interpret_params(interpret))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,8 +405,9 @@ def paged_attention_reference(
     page_table: PageTable,
     lengths: SlotInts,
     *,
-    sliding_window: int | None = None,
+    sliding_window: Window = None,
     scale: float | None = None,
+    softcap: float | None = None,
 ) -> DecodeQueries:
     """Attention of one query token per slot against that slot's paged keys/values.
 
@@ -403,7 +424,8 @@ def paged_attention_reference(
                                                              written); the query sits at
                                                              position lengths - 1.
     Token t of a slot is visible iff t < lengths[s] and, with `sliding_window=W`,
-    (lengths[s] - 1) - t < W (the query sees itself and the W-1 previous tokens). Slots with
+    (lengths[s] - 1) - t < W (the query sees itself and the W-1 previous tokens; W may be a
+    traced int32 scalar). With `softcap=c` the scaled scores s become c * tanh(s / c). Slots with
     length 0 return 0. Table entries past a slot's length may point anywhere (out-of-range ids
     are clamped), and invisible positions may hold NaN: they are zeroed with `jnp.where`
     before any arithmetic. lengths must not exceed pages_per_seq * page_size.
@@ -415,8 +437,9 @@ def paged_attention_reference(
     require_int("lengths", lengths.dtype)
     _check_shapes(q.shape, k_pages.shape, v_pages.shape, page_table.shape, lengths.shape)
     check_window(sliding_window)
+    check_softcap(softcap)
     return _paged_attention(q, k_pages, v_pages, page_table, lengths, sliding_window,
-                            q.shape[-1] ** -0.5 if scale is None else scale)
+                            q.shape[-1] ** -0.5 if scale is None else scale, softcap)
 
 
 def _paged_attention(
@@ -425,8 +448,9 @@ def _paged_attention(
     v_pages: LayerPages,
     page_table: PageTable,
     lengths: SlotInts,
-    sliding_window: int | None,
+    sliding_window: Window,
     scale: float,
+    softcap: float | None = None,
 ) -> DecodeQueries:
     # Design: gather every table entry's page into a dense [slots, tokens, kv_heads, head_dim]
     # view (simple, O(pages_per_seq * page_size) per slot, fine for an oracle), then mask by
@@ -447,7 +471,7 @@ def _paged_attention(
         for x in (k32, v32)
     )
     qg = q.astype(jnp.float32).reshape(slots, kv_heads, q_heads // kv_heads, head_dim)
-    scores = jnp.einsum("nkgd,ntkd->nkgt", qg, k32, precision=HIGHEST) * scale
+    scores = soft_cap(jnp.einsum("nkgd,ntkd->nkgt", qg, k32, precision=HIGHEST) * scale, softcap)
     probs = masked_softmax(scores, visible[:, None, None, :])
     out = jnp.einsum("nkgt,ntkd->nkgd", probs, v32, precision=HIGHEST)
     return out.reshape(slots, q_heads, head_dim).astype(q.dtype)

@@ -118,14 +118,20 @@ def warm_up(model, kwargs: dict, max_prompt: int, log, seed: int = 0) -> dict:
 # ---------------------------------------------------------------------------- roofline
 def matmul_shapes(model) -> dict[tuple[int, int], int]:
     """The dense matmuls of one decode step, {(K, N): count}: every layer's linear weights and
-    the LM head."""
+    the LM head. A mixture-of-experts layer (jaxinfer/moe.py) counts as its router plus top_k
+    expert MLPs at every row: the ideal FLOPs of routing (every row through k experts)."""
     cfg = model.config
     shapes: dict[tuple[int, int], int] = {}
-    for key, spec in (("q", (cfg.hidden_size, cfg.q_size)), ("k", (cfg.hidden_size, cfg.kv_size)),
-                      ("v", (cfg.hidden_size, cfg.kv_size)), ("o", (cfg.q_size, cfg.hidden_size)),
-                      ("gate", (cfg.hidden_size, cfg.intermediate_size)), ("up", (cfg.hidden_size, cfg.intermediate_size)),
-                      ("down", (cfg.intermediate_size, cfg.hidden_size))):
-        shapes[spec] = shapes.get(spec, 0) + cfg.num_layers
+    d, f, fm = cfg.hidden_size, cfg.intermediate_size, cfg.moe_intermediate_size
+    n_moe = len(cfg.moe_layers)
+    for spec, count in (((d, cfg.q_size), cfg.num_layers), ((d, cfg.kv_size), cfg.num_layers),
+                        ((d, cfg.kv_size), cfg.num_layers), ((cfg.q_size, d), cfg.num_layers),
+                        ((d, f), cfg.num_layers - n_moe), ((d, f), cfg.num_layers - n_moe),
+                        ((f, d), cfg.num_layers - n_moe), ((d, cfg.num_experts), n_moe),
+                        ((d, fm), n_moe * cfg.num_experts_per_tok), ((d, fm), n_moe * cfg.num_experts_per_tok),
+                        ((fm, d), n_moe * cfg.num_experts_per_tok)):
+        if count:
+            shapes[spec] = shapes.get(spec, 0) + count
     head = (cfg.hidden_size, cfg.vocab_size)
     shapes[head] = shapes.get(head, 0) + 1
     return shapes

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxinfer.config import QUANT_MODEL_TYPES
 from jaxinfer.model import Model, causal_attend, layer, rope_tables
 from jaxinfer.quant.gptq import affine_codes, affine_params, gptq_quantize, hessian
 from jaxinfer.quant.load import pack_codes
@@ -167,6 +168,9 @@ def quantize(model: Model, method: str, *, bits: int | None = None, group_size: 
     module docstring for the methods and their options."""
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}; supported: {list(METHODS)}")
+    if model.config.model_type not in QUANT_MODEL_TYPES:
+        raise ValueError(f"quantize supports model types {QUANT_MODEL_TYPES}, not {model.config.model_type!r} "
+                         "(its quantized checkpoint would not load)")
     layers = model.params["layers"]
     already = [key for key in LINEAR_KEYS if isinstance(layers[key], QuantizedWeight)]
     if already:

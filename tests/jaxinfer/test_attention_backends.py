@@ -50,10 +50,34 @@ def test_kernel_backends_explain_unsupported_inputs():
     q = jnp.zeros((1, 16, 2, 8), jnp.float32)  # fp32: not a kernel input
     with pytest.raises(ValueError):
         prefill_attention(q, q, q, lengths=None, backend="interpret")
-    with pytest.raises(NotImplementedError, match="sliding"):
+    with pytest.raises(ValueError, match="softcap"):
         decode_attention(jnp.zeros((1, 2, 64), jnp.bfloat16), jnp.zeros((1, 4, 16, 1, 64), jnp.bfloat16),
                          jnp.zeros((1, 4, 16, 1, 64), jnp.bfloat16), 0, jnp.zeros((1, 2), jnp.int32),
-                         jnp.ones((1,), jnp.int32), sliding_window=4, backend="interpret")
+                         jnp.ones((1,), jnp.int32), softcap=-1.0, backend="interpret")
+
+
+@pytest.mark.timeout(300)
+def test_window_softcap_and_scale_reach_the_kernels():
+    """A Gemma-2-like layer (window, soft-cap, query_pre_attn_scalar scale; the window traced,
+    as in the layer scan) through the interpreted kernels equals the reference path. Tolerance:
+    bf16 outputs, and the kernels round P to bf16 before P @ V: <= 2^-8 relative + 2^-8 * max|v|."""
+    rng = np.random.default_rng(0)
+    spec = dict(softcap=5.0, scale=0.1)
+    q = jnp.asarray(rng.normal(size=(2, 40, 4, 64)), jnp.bfloat16)
+    kv = jnp.asarray(rng.normal(size=(2, 40, 1, 64)), jnp.bfloat16)
+    lengths = jnp.array([40, 23], jnp.int32)
+    prefill = jax.jit(lambda w, backend: prefill_attention(q, kv, kv, lengths=lengths, sliding_window=w,
+                                                           backend=backend, **spec), static_argnums=1)
+    tol = dict(rtol=2**-8, atol=2**-8 * 4.5)
+    np.testing.assert_allclose(np.asarray(prefill(jnp.int32(9), "interpret"), np.float32),
+                               np.asarray(prefill(jnp.int32(9), "reference"), np.float32), **tol)
+    pool = jnp.asarray(rng.normal(size=(2, 6, 16, 1, 64)), jnp.bfloat16)  # [layers, pages, page, kv, d]
+    table = jnp.array([[1, 2, 3, 4], [5, 3, 0, 0]], jnp.int32)
+    dl = jnp.array([57, 20], jnp.int32)
+    decode = jax.jit(lambda w, backend: decode_attention(q[:, 0], pool, pool, 1, table, dl, sliding_window=w,
+                                                         backend=backend, **spec), static_argnums=1)
+    np.testing.assert_allclose(np.asarray(decode(jnp.int32(9), "interpret"), np.float32),
+                               np.asarray(decode(jnp.int32(9), "reference"), np.float32), **tol)
 
 
 @pytest.mark.timeout(600)

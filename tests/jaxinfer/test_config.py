@@ -7,7 +7,10 @@ import json
 
 import numpy as np
 import pytest
-from transformers import LlamaConfig, MistralConfig, Qwen2Config
+from transformers import (
+    Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config, Qwen3Config,
+    Qwen3MoeConfig,
+)
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -142,8 +145,10 @@ def test_presets_round_trip_through_hf_config(name):
     hf = config_to_hf(config)
     assert config_from_hf(json.loads(json.dumps(hf))) == config
     # transformers itself accepts the dict, and reads the same shapes.
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[config.model_type]
-    theirs = cls(**hf)
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+           "qwen3_moe": Qwen3MoeConfig, "gemma2": Gemma2Config, "gemma3_text": Gemma3TextConfig, "phi3": Phi3Config,
+           "mixtral": MixtralConfig}[config.model_type]
+    theirs = cls(**{k: v for k, v in hf.items() if k != "model_type"})  # a class attribute of the newer configs
     assert (theirs.num_hidden_layers, theirs.num_key_value_heads, theirs.head_dim) == (
         config.num_layers, config.num_kv_heads, config.head_dim)
 

@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import reset_gpu_interpret_mode_state
 
+from pallas_kernels import NO_WINDOW
 from pallas_kernels.flash_attention import (
     TuningConfig,
     _check_kernel_inputs,
@@ -38,7 +39,7 @@ from pallas_kernels.flash_attention import (
     flash_attention_reference,
 )
 
-reference = jax.jit(flash_attention_reference, static_argnames=("causal", "sliding_window", "scale"))
+reference = jax.jit(flash_attention_reference, static_argnames=("causal", "sliding_window", "scale", "softcap"))
 
 UNIT_ROUNDOFF = {jnp.bfloat16: 2.0**-9, jnp.float16: 2.0**-12}
 HALF_ULP = {jnp.bfloat16: 2.0**-8, jnp.float16: 2.0**-11}
@@ -82,19 +83,26 @@ def make_inputs(rng, batch, seq, q_heads, kv_heads, head_dim, lengths, dtype):
 
 
 def check_against_reference(seed, *, batch, seq, q_heads, kv_heads, head_dim, dtype,
-                            causal=True, lengths="mixed", config=None):
+                            causal=True, lengths="mixed", config=None, window=None, traced_window=False,
+                            softcap=None):
+    """`window` (an int) goes to the kernel as a Python int, or with `traced_window` as an int32
+    array (the layer-scan case: one program for every window); the reference takes the int."""
     rng = np.random.default_rng(seed)
     lens = row_lengths(rng, batch, seq) if lengths == "mixed" else None
     q, k, v = make_inputs(rng, batch, seq, q_heads, kv_heads, head_dim,
                           np.full(batch, seq) if lens is None else lens, dtype)
     lengths_arr = None if lens is None else jnp.asarray(lens)
     t0 = time.perf_counter()
-    out = run_kernel(q, k, v, lengths=lengths_arr, causal=causal, config=config)
+    kernel_window = jnp.int32(window) if traced_window and window is not None else window
+    out = run_kernel(q, k, v, lengths=lengths_arr, causal=causal, config=config, sliding_window=kernel_window,
+                     softcap=softcap)
     elapsed = time.perf_counter() - t0
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    expected = np.asarray(reference(*f32, lengths=lengths_arr, causal=causal))
+    expected = np.asarray(reference(*f32, lengths=lengths_arr, causal=causal, sliding_window=window,
+                                    softcap=softcap))
     what = (f"seed={seed} (PALLAS_TEST_SEED) batch={batch} seq={seq} heads={q_heads}/{kv_heads} "
-            f"head_dim={head_dim} {jnp.dtype(dtype).name} causal={causal} lengths={lens} {config}")
+            f"head_dim={head_dim} {jnp.dtype(dtype).name} causal={causal} lengths={lens} {config} "
+            f"window={window} traced={traced_window} softcap={softcap}")
     assert out.shape == q.shape and out.dtype == q.dtype, what
     got = np.asarray(out.astype(jnp.float32))
     assert np.isfinite(got).all(), f"non-finite output (padding leaked?): {what}"
@@ -163,6 +171,50 @@ def test_tuning_configs(seed, config):
     # seq 256: 4 key tiles of 64, so the 3-slot ring wraps and the 1-slot ring serialises.
     check_against_reference(seed, batch=2, seq=256, q_heads=2, kv_heads=1, head_dim=64,
                             dtype=jnp.float16, config=config)
+
+
+# Sliding windows (Mistral, Gemma's local layers) and logit soft-capping (Gemma 2). Windows
+# shorter than, equal to and longer than a 64-key tile, so whole tiles below the window are
+# skipped, tiles straddle its lower edge and the diagonal tile is masked by both; traced windows
+# are the layer-scan case. Soft-caps of 2 and 5 bite on these scores (|q.k| * scale ~ 2-9). The
+# tolerances are the ones above: the cap is applied to f32 scores (tanh through exp2, accurate
+# to ~1e-7 relative), so only the P and output roundings remain.
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("window, traced, config", [
+    (1, False, None),                       # a query sees only itself
+    (40, False, None),                      # < block_kv: tiles skipped, every row's edge in one tile
+    (64, True, TuningConfig(block_q=64, block_kv=64, max_concurrent_steps=3)),  # = a tile, ring of 3
+    (100, True, TuningConfig(block_q=128, block_kv=64, max_concurrent_steps=2)),  # edge over 2 tiles
+    (300, True, None),                      # longer than the sequence: no effect
+], ids=str)
+def test_sliding_window_matches_reference(seed, window, traced, config):
+    # batch 4: rows of length 0, 1, partial and full (so every window bites on some row).
+    check_against_reference(seed, batch=4, seq=256, q_heads=2, kv_heads=1, head_dim=64,
+                            dtype=jnp.bfloat16, window=window, traced_window=traced, config=config)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("softcap, window, dtype, head_dim, q_heads, kv_heads", [
+    (2.0, None, jnp.bfloat16, 64, 2, 2),
+    (5.0, None, jnp.float16, 128, 4, 1),
+    (2.0, 48, jnp.bfloat16, 128, 4, 2),     # Gemma 2's local layers: window and cap together
+], ids=str)
+def test_softcap_matches_reference(seed, softcap, window, dtype, head_dim, q_heads, kv_heads):
+    check_against_reference(seed, batch=4, seq=128, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim,
+                            dtype=dtype, softcap=softcap, window=window, traced_window=True)
+
+
+@pytest.mark.timeout(120)
+def test_window_off_paths_agree(seed):
+    """No window, and the traced NO_WINDOW a global layer gets inside the layer scan, give the
+    same output bit for bit (the same tiles, masks that hide nothing extra)."""
+    rng = np.random.default_rng(seed)
+    lens = row_lengths(rng, 2, 128)
+    q, k, v = make_inputs(rng, 2, 128, 2, 1, 64, lens, jnp.bfloat16)
+    plain = run_kernel(q, k, v, lengths=jnp.asarray(lens))
+    traced = run_kernel(q, k, v, lengths=jnp.asarray(lens), sliding_window=jnp.int32(NO_WINDOW))
+    np.testing.assert_array_equal(np.asarray(plain.astype(jnp.float32)), np.asarray(traced.astype(jnp.float32)),
+                                  err_msg=f"seed={seed} lengths={lens}")
 
 
 @pytest.mark.timeout(120)
@@ -275,11 +327,25 @@ def test_cuda_lowering(seq, head_dim, q_heads, kv_heads):
     dict(seq=16),
     dict(config=TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2)),
     dict(config=TuningConfig(block_q=128, block_kv=64, max_concurrent_steps=3)),
+    dict(sliding_window=100),
+    dict(softcap=50.0),
+    dict(sliding_window=4096, softcap=50.0, config=TuningConfig(block_q=128, block_kv=64, max_concurrent_steps=3)),
 ], ids=str)
 def test_cuda_lowering_variants(extra):
     extra = dict(extra)
     dtype, seq = extra.pop("dtype", jnp.bfloat16), extra.pop("seq", 256)
     lower_for_cuda(_sds((2, seq, 8, 128), dtype), _sds((2, seq, 2, 128), dtype), **extra)
+
+
+@pytest.mark.timeout(60)
+def test_cuda_lowering_traced_window():
+    """The layer-scan case: the window is a traced int32 (one program for local and global)."""
+    def f(q, k, v, lengths, window):
+        return flash_attention(q, k, v, lengths=lengths, sliding_window=window, softcap=30.0)
+    q, kv = _sds((2, 256, 8, 128)), _sds((2, 256, 2, 128))
+    lowered = jax.jit(f).trace(q, kv, kv, _sds((2,), jnp.int32), _sds((), jnp.int32)).lower(
+        lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
 
 
 def lower_for_cuda(q, kv, **kwargs):

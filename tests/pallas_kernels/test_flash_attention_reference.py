@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import flash_attention_reference
+from pallas_kernels import NO_WINDOW, flash_attention_reference
 from pallas_kernels.flash_attention import _check_shapes
 
 # One jitted callable for the whole file, so repeated shapes/static args reuse compilations.
-flash = jax.jit(flash_attention_reference, static_argnames=("causal", "sliding_window", "scale"))
+flash = jax.jit(flash_attention_reference, static_argnames=("causal", "sliding_window", "scale", "softcap"))
 jax_attention = jax.jit(jax.nn.dot_product_attention, static_argnames=("is_causal", "local_window_size"))
 
 # f32: with std-2 inputs a score's rounding error is ~eps * sum_d |q_d k_d| * scale ~ 3e-6 at
@@ -38,8 +38,9 @@ def seed() -> int:
     return int(os.environ.get("PALLAS_TEST_SEED") or secrets.randbits(32))
 
 
-def naive_attention(q, k, v, lengths, causal, window, scale):
-    """float64 oracle: loop over rows and query positions, gather only the visible keys."""
+def naive_attention(q, k, v, lengths, causal, window, scale, softcap=None):
+    """float64 oracle: loop over rows and query positions, gather only the visible keys
+    (scores soft-capped as Gemma 2: cap * tanh(s / cap) after scaling)."""
     batch, seq, q_heads, _ = q.shape
     k = np.repeat(k, q_heads // k.shape[2], axis=2)
     v = np.repeat(v, q_heads // v.shape[2], axis=2)
@@ -49,6 +50,8 @@ def naive_attention(q, k, v, lengths, causal, window, scale):
         for i in range(n):
             js = [j for j in range(n) if (not causal or j <= i) and (window is None or i - j < window)]
             s = np.einsum("hd,jhd->hj", q[b, i], k[b, js]) * scale
+            if softcap is not None:
+                s = softcap * np.tanh(s / softcap)
             p = np.exp(s - s.max(axis=-1, keepdims=True))
             out[b, i] = np.einsum("hj,jhd->hd", p / p.sum(axis=-1, keepdims=True), v[b, js])
     return out
@@ -86,14 +89,15 @@ def check(out, expected, lengths, tol, seed, what):
 
 
 def run_case(seed, *, batch, seq, q_heads, kv_heads, head_dim, causal=True, window=None,
-             dtype=jnp.float32, scale=None):
+             dtype=jnp.float32, scale=None, softcap=None):
     rng = np.random.default_rng(seed)
     lengths = row_lengths(rng, batch, seq)
     (q, k, v), (q64, k64, v64) = make_inputs(rng, batch, seq, q_heads, kv_heads, head_dim, lengths, dtype)
-    out = flash(q, k, v, lengths=to_device(lengths, np.int32), causal=causal, sliding_window=window, scale=scale)
+    out = flash(q, k, v, lengths=to_device(lengths, np.int32), causal=causal, sliding_window=window, scale=scale,
+                softcap=softcap)
     assert out.dtype == dtype and out.shape == q.shape
     expected = naive_attention(q64, k64, v64, lengths, causal, window,
-                               head_dim**-0.5 if scale is None else scale)
+                               head_dim**-0.5 if scale is None else scale, softcap)
     tol = F32_TOL if dtype == jnp.float32 else LOW_TOL[dtype]
     what = f"lengths={lengths.tolist()} causal={causal} window={window} dtype={jnp.dtype(dtype).name}"
     check(out, expected, lengths, tol, seed, what)
@@ -123,6 +127,25 @@ def test_low_precision_inputs(seed, dtype, causal, window):
 
 def test_long_sequence_with_window(seed):
     run_case(seed, batch=2, seq=256, q_heads=8, kv_heads=2, head_dim=128, window=100)
+
+
+# Soft-caps that bite (std-2 inputs: |s| up to ~15 at head_dim 16), alone and with a window
+# and a custom scale (Gemma 2's query_pre_attn_scalar); tanh is smooth, so the f32 tolerance holds.
+@pytest.mark.parametrize("softcap,window,scale", [(1.0, None, None), (5.0, 4, None), (3.0, 6, 0.2)])
+def test_softcap(seed, softcap, window, scale):
+    run_case(seed, batch=5, seq=20, q_heads=4, kv_heads=2, head_dim=16, window=window, scale=scale,
+             softcap=softcap)
+
+
+def test_traced_window_equals_static(seed):
+    """A traced int32 window (the layer scan's) masks as the static one; NO_WINDOW hides nothing."""
+    rng = np.random.default_rng(seed)
+    lengths = row_lengths(rng, 4, 24)
+    (q, k, v), _ = make_inputs(rng, 4, 24, 4, 2, 16, lengths, jnp.float32)
+    n = to_device(lengths, np.int32)
+    traced = jax.jit(lambda w: flash_attention_reference(q, k, v, lengths=n, sliding_window=w))
+    np.testing.assert_array_equal(np.asarray(traced(jnp.int32(5))), np.asarray(flash(q, k, v, lengths=n, sliding_window=5)))
+    np.testing.assert_array_equal(np.asarray(traced(jnp.int32(NO_WINDOW))), np.asarray(flash(q, k, v, lengths=n)))
 
 
 def test_custom_scale(seed):

@@ -41,7 +41,7 @@ from pallas_kernels.paged_attention import (
 
 TOL = {jnp.bfloat16: dict(rtol=2**-8, atol=1e-2), jnp.float16: dict(rtol=2**-10, atol=2.5e-3)}
 
-reference = jax.jit(paged_attention_reference, static_argnames=("sliding_window", "scale"))
+reference = jax.jit(paged_attention_reference, static_argnames=("sliding_window", "scale", "softcap"))
 
 
 patch_interpreter_wgmma_transpose()
@@ -87,17 +87,23 @@ def run_kernel(*args, **kwargs):
 
 
 def run_case(seed, lengths, *, page_size, pages_per_seq, q_heads, kv_heads, head_dim,
-             dtype=jnp.bfloat16, config=None, scale=None):
+             dtype=jnp.bfloat16, config=None, scale=None, window=None, traced_window=False, softcap=None):
+    """`window` (an int) reaches the kernel as a Python int or, with `traced_window`, as an
+    int32 array (the layer-scan case); the reference takes the int."""
     rng = np.random.default_rng(seed)
     lengths = np.asarray(lengths, np.int32)
     k, v, table = build_pool(rng, lengths, page_size, pages_per_seq, kv_heads, head_dim)
     q = jnp.asarray(1.5 * rng.standard_normal((len(lengths), q_heads, head_dim)), dtype)
     k, v = jnp.asarray(k, dtype), jnp.asarray(v, dtype)
     table_d, lengths_d = jnp.asarray(table), jnp.asarray(lengths)
-    out = run_kernel(q, k, v, table_d, lengths_d, config=config, scale=scale)
-    expected = reference(*(x.astype(jnp.float32) for x in (q, k, v)), table_d, lengths_d, scale=scale)
+    kernel_window = jnp.int32(window) if traced_window and window is not None else window
+    out = run_kernel(q, k, v, table_d, lengths_d, config=config, scale=scale, sliding_window=kernel_window,
+                     softcap=softcap)
+    expected = reference(*(x.astype(jnp.float32) for x in (q, k, v)), table_d, lengths_d, scale=scale,
+                         sliding_window=window, softcap=softcap)
     msg = (f"seed={seed} lengths={lengths.tolist()} page_size={page_size} q_heads={q_heads} "
-           f"kv_heads={kv_heads} head_dim={head_dim} dtype={jnp.dtype(dtype).name} config={config}")
+           f"kv_heads={kv_heads} head_dim={head_dim} dtype={jnp.dtype(dtype).name} config={config} "
+           f"window={window} traced={traced_window} softcap={softcap}")
     assert out.dtype == dtype and out.shape == q.shape, msg
     out = np.asarray(out, np.float32)
     assert np.isfinite(out).all(), f"non-finite output: {msg}"
@@ -145,6 +151,41 @@ def test_random_lengths_and_dtypes(seed, dtype):
              dtype=dtype, config=TuningConfig(num_splits=2), scale=0.1)
 
 
+# Sliding windows and logit soft-capping. The window's lower edge falls inside a page, on a
+# page boundary and inside a later 64-token block, so blocks below it are skipped (with splits:
+# the splits share only the visible blocks) and the V rows below the edge are zeroed (the pool
+# is NaN everywhere a slot does not own, but positions below the window are owned and finite:
+# a wrong mask shows as a wrong value, not a NaN). Soft-caps of 2 and 5 bite on these scores
+# (|q.k| * scale ~ 2-9). Tolerances as above: the cap acts on f32 scores (tanh through exp2,
+# ~1e-7 relative), so only the P and output roundings remain.
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("window, traced, config", [
+    (1, False, TuningConfig(num_splits=1)),       # a query sees only itself
+    (16, True, TuningConfig(num_splits=1)),       # edge on a page boundary for some lengths
+    (37, True, TuningConfig(num_splits=2)),       # edge inside a page; two splits of the visible blocks
+    (100, True, TuningConfig(num_splits=3, num_buffers=3)),  # edge in a later block, uneven splits
+    (1000, False, None),                          # longer than every slot: no effect
+], ids=str)
+def test_sliding_window_matches_reference(seed, window, traced, config):
+    rng = np.random.default_rng(seed)
+    lengths = [1, 17, 64, 65, 200, int(rng.integers(2, 256)), 0]
+    run_case(seed, lengths, page_size=16, pages_per_seq=16, q_heads=4, kv_heads=2, head_dim=64,
+             config=config, window=window, traced_window=traced)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("softcap, window, dtype, head_dim, group", [
+    (2.0, None, jnp.bfloat16, 64, 1),
+    (5.0, None, jnp.float16, 128, 4),
+    (2.0, 50, jnp.bfloat16, 128, 8),   # Gemma 2's local layers: window and cap together
+], ids=str)
+def test_softcap_matches_reference(seed, softcap, window, dtype, head_dim, group):
+    rng = np.random.default_rng(seed)
+    lengths = [1, 33, 130, int(rng.integers(2, 192)), 0]
+    run_case(seed, lengths, page_size=32, pages_per_seq=6, q_heads=2 * group, kv_heads=2, head_dim=head_dim,
+             dtype=dtype, config=TuningConfig(num_splits=2), window=window, traced_window=True, softcap=softcap)
+
+
 @pytest.mark.timeout(120)
 def test_all_slots_inactive_and_under_outer_jit(seed):
     rng = np.random.default_rng(seed)
@@ -186,11 +227,15 @@ def test_rejects_unsupported_inputs(kwargs, match):
         check_paged_attention_kernel_inputs(*_shapes(**kwargs))
 
 
-def test_rejects_sliding_window_and_bad_configs():
-    with pytest.raises(NotImplementedError, match="sliding_window"):
-        check_paged_attention_kernel_inputs(*_shapes(), sliding_window=128)
-    with pytest.raises(NotImplementedError, match="sliding_window"):
-        paged_attention(*(jnp.zeros(a.shape, a.dtype) for a in _shapes()), sliding_window=4)
+def test_rejects_bad_window_softcap_and_configs():
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="sliding_window"):
+            check_paged_attention_kernel_inputs(*_shapes(), sliding_window=bad)
+    with pytest.raises(ValueError, match="sliding_window"):
+        check_paged_attention_kernel_inputs(*_shapes(), sliding_window=jnp.zeros((2,), jnp.int32))
+    for bad in (0.0, -1.0, True):
+        with pytest.raises(ValueError, match="softcap"):
+            check_paged_attention_kernel_inputs(*_shapes(), softcap=bad)
     for bad in (dict(block_kv=96), dict(block_kv=0), dict(num_splits=0), dict(num_buffers=0)):
         with pytest.raises(ValueError, match="TuningConfig"):
             TuningConfig(**bad)
@@ -210,6 +255,19 @@ def test_lowers_for_cuda_sm90(head_dim, group, config):
     args = _shapes(slots=8, q_heads=4 * group, kv_heads=4, head_dim=head_dim, pages=257, page_size=16,
                    pages_per_seq=32)
     f = jax.jit(lambda *a: paged_attention(*a, config=config))
+    text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("traced", [False, True])
+def test_lowers_for_cuda_sm90_window_and_softcap(traced):
+    args = _shapes(slots=8, q_heads=8, kv_heads=4, head_dim=128, pages=257, page_size=16, pages_per_seq=32)
+    if traced:  # the layer-scan case: one program for local and global layers
+        f = jax.jit(lambda *a: paged_attention(*a[:-1], sliding_window=a[-1], softcap=50.0))
+        args = (*args, jax.ShapeDtypeStruct((), jnp.int32))
+    else:
+        f = jax.jit(lambda *a: paged_attention(*a, sliding_window=100, softcap=50.0))
     text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 

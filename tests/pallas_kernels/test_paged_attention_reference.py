@@ -18,7 +18,7 @@ from pallas_kernels import flash_attention_reference, paged_attention_reference
 from pallas_kernels.paged_attention import _check_shapes
 
 # One jitted callable per reference, so repeated shapes/static args reuse compilations.
-paged = jax.jit(paged_attention_reference, static_argnames=("sliding_window", "scale"))
+paged = jax.jit(paged_attention_reference, static_argnames=("sliding_window", "scale", "softcap"))
 flash = jax.jit(flash_attention_reference, static_argnames=("causal", "sliding_window", "scale"))
 
 # f32: with std-2 inputs a score's rounding error is ~eps * sum_d |q_d k_d| * scale ~ 3e-6 at
@@ -42,8 +42,9 @@ def to_device(x, dtype=np.float32):
     return jnp.asarray(np.asarray(x, dtype))
 
 
-def naive_paged(q, k_pages, v_pages, table, lengths, window, scale):
-    """float64 oracle: per slot, look up each visible token's page and offset one by one."""
+def naive_paged(q, k_pages, v_pages, table, lengths, window, scale, softcap=None):
+    """float64 oracle: per slot, look up each visible token's page and offset one by one
+    (scores soft-capped as Gemma 2: cap * tanh(s / cap) after scaling)."""
     slots, q_heads, _ = q.shape
     group = q_heads // k_pages.shape[2]
     page_size = k_pages.shape[1]
@@ -56,6 +57,8 @@ def naive_paged(q, k_pages, v_pages, table, lengths, window, scale):
         k = np.repeat(k_pages[table[s, t // page_size], t % page_size], group, axis=1)
         v = np.repeat(v_pages[table[s, t // page_size], t % page_size], group, axis=1)
         scores = np.einsum("hd,thd->ht", q[s], k) * scale
+        if softcap is not None:
+            scores = softcap * np.tanh(scores / softcap)
         p = np.exp(scores - scores.max(axis=-1, keepdims=True))
         out[s] = np.einsum("ht,thd->hd", p / p.sum(axis=-1, keepdims=True), v)
     return out
@@ -91,18 +94,18 @@ def build_pool(rng, lengths, page_size, pages_per_seq, kv_heads, head_dim, spare
 
 
 def run_case(seed, *, page_size, pages_per_seq, q_heads, kv_heads, head_dim, window=None,
-             dtype=jnp.float32, scale=None):
+             dtype=jnp.float32, scale=None, softcap=None):
     rng = np.random.default_rng(seed)
     lengths = slot_lengths(rng, page_size, pages_per_seq)
     k64, v64, table = build_pool(rng, lengths, page_size, pages_per_seq, kv_heads, head_dim)
     q = to_device(2.0 * rng.standard_normal((len(lengths), q_heads, head_dim)), dtype)
     k, v = to_device(k64, dtype), to_device(v64, dtype)
     out = paged(q, k, v, to_device(table, np.int32), to_device(lengths, np.int32),
-                sliding_window=window, scale=scale)
+                sliding_window=window, scale=scale, softcap=softcap)
     assert out.dtype == dtype and out.shape == q.shape
     expected = naive_paged(np.asarray(q, np.float64), np.asarray(k, np.float64),
                            np.asarray(v, np.float64), table, lengths, window,
-                           head_dim**-0.5 if scale is None else scale)
+                           head_dim**-0.5 if scale is None else scale, softcap)
     msg = f"seed={seed} lengths={lengths.tolist()} window={window} dtype={jnp.dtype(dtype).name}"
     out = np.asarray(out, np.float64)
     assert np.isfinite(out).all(), f"non-finite output: {msg}"
@@ -209,3 +212,11 @@ def test_rejects_bad_heads_window_and_int_dtypes():
         paged_attention_reference(q, pages, pages, table, lengths, sliding_window=0)
     with pytest.raises((ValueError, TypeError)):
         paged_attention_reference(q, pages, pages, to_device(np.zeros((2, 3))), lengths)
+
+
+# Soft-caps that bite (std-2 inputs), alone and with a window and a custom scale (Gemma 2's
+# local layers); tanh is smooth, so the f32 tolerance holds.
+@pytest.mark.parametrize("softcap,window,scale", [(1.0, None, None), (5.0, 5, None), (3.0, 17, 0.2)])
+def test_softcap(seed, softcap, window, scale):
+    run_case(seed, page_size=16, pages_per_seq=4, q_heads=8, kv_heads=2, head_dim=64, window=window, scale=scale,
+             softcap=softcap)

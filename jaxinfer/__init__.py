@@ -17,7 +17,7 @@ from jaxinfer.state import EngineConfig, EngineState, init_state
 from jaxinfer.snapshot import SnapshotError, load_state, save_state
 from jaxinfer.steps import (
     AdmitResult, Chunk, DecodeResult, InsertResult, PrefillResult, Requests, admit, decode, decode_steps, evict,
-    fork, insert, make_chunk, make_requests, prefill,
+    fork, insert, make_chunk, make_requests, prefill, SpeculativeConfig, spec_decode_steps,
 )
 
 # Model and weights.
@@ -48,7 +48,7 @@ __all__ = [
     "Engine", "RequestOutput", "SampleOutput", "StreamDelta", "SamplingParams", "ByteTokenizer", "Tokenizer",
     "load_tokenizer",
     # steps
-    "EngineConfig", "EngineState", "init_state", "save_state", "load_state", "SnapshotError", "AdmitResult", "Chunk", "DecodeResult", "InsertResult",
+    "EngineConfig", "EngineState", "init_state", "save_state", "load_state", "SnapshotError", "AdmitResult", "Chunk", "DecodeResult", "InsertResult", "SpeculativeConfig", "spec_decode_steps",
     "PrefillResult", "Requests", "admit", "decode", "decode_steps", "evict", "fork", "insert", "make_chunk",
     "make_requests", "prefill",
     # model and weights

@@ -43,7 +43,8 @@ from jaxinfer.sampling import SamplingParams, sample_key
 from jaxinfer.scheduler import Scheduler
 from jaxinfer.state import FINISH_REASONS, EngineConfig, init_state
 from jaxinfer.steps import (
-    admit, decode_steps, evict, fork, make_chunk, make_requests, num_free_pages, permute_slots, prefill,
+    SpeculativeConfig, admit, decode_steps, evict, fork, make_chunk, make_requests, num_free_pages, permute_slots,
+    prefill, spec_decode_steps,
 )
 
 
@@ -102,6 +103,7 @@ class Engine:
         profile: bool = False,
         precompile: bool | str | None = None,
         allow_long_context: bool = False,
+        speculative: SpeculativeConfig | None = None,
     ):
         # Everything but the model and tokenizer: what a snapshot needs to rebuild this engine.
         self._init_kwargs = dict(
@@ -109,7 +111,14 @@ class Engine:
             prefill_buckets=list(prefill_buckets), max_prefill_batch=max_prefill_batch, decode_steps=decode_steps,
             max_stop_ids=max_stop_ids, attention_backend=attention_backend, max_logprobs=max_logprobs, mode=mode,
             seed=seed, add_bos=add_bos, prefill_chunk=prefill_chunk, prefix_caching=prefix_caching,
-            batch_invariant=batch_invariant, allow_long_context=allow_long_context)
+            batch_invariant=batch_invariant, allow_long_context=allow_long_context,
+            speculative=None if speculative is None else dataclasses.asdict(speculative))
+        if isinstance(speculative, dict):  # from a snapshot's saved arguments
+            speculative = SpeculativeConfig(**speculative)
+        if speculative is not None and not isinstance(speculative, SpeculativeConfig):
+            raise TypeError(f"speculative must be None or a jaxinfer.SpeculativeConfig, got {type(speculative).__name__}")
+        self.speculative = speculative
+        self._spec_pending = None  # the last burst's SpecStats (on device until the hand-out)
         if not isinstance(model, Model):
             raise TypeError(f"Engine(model=...) must be a jaxinfer Model (jaxinfer.load_model / dummy_model), "
                             f"got {type(model).__name__}{' ' + repr(model) if isinstance(model, str) else ''}")
@@ -181,6 +190,7 @@ class Engine:
         "admit": (admit, (0,), (1,)), "prefill": (prefill, (0,), (2,)), "fork": (fork, (0,), (1,)),
         "decode_steps": (decode_steps, (0, 3, 4, 5), (2,)), "evict": (evict, (0,), (1,)),
         "num_free_pages": (num_free_pages, (), ()), "permute_slots": (permute_slots, (0,), (1,)),
+        "spec_decode_steps": (spec_decode_steps, (0, 1, 4), (3,)),
     }
 
     def _call(self, name: str, *args, shape=None):
@@ -372,6 +382,10 @@ class Engine:
             self.state = self._call("permute_slots", self.cfg, self.state, np.asarray(perm, np.int32))
             lengths = lengths[perm]
         slots, span = self.scheduler.decode_shape(lengths, self.cfg.decode_steps)
+        if self.speculative is not None:  # rounds of propose + verify; reads the pool, not views
+            self.state, dec, self._spec_pending = self._call(
+                "spec_decode_steps", self.cfg, self.speculative, self.model, self.state, slots, shape=slots)
+            return dec
         self.state, dec = self._call("decode_steps", self.cfg, self.model, self.state, self.cfg.decode_steps,
                                      slots, span)
         return dec
@@ -393,6 +407,12 @@ class Engine:
              self.state.finish_reason)
         )
         finished = active & finished  # on the host: an eager device op would compile
+        if self._spec_pending is not None:
+            sp = jax.device_get(self._spec_pending)
+            self._counters["spec_proposed"] += int(sp.proposed.sum())
+            self._counters["spec_accepted"] += int(sp.accepted.sum())
+            self._counters["spec_rounds"] += int(sp.rounds.sum())
+            self._spec_pending = None
         now = time.perf_counter()
         touched: dict[int, Sequence] = {id(s): s for s in self._aborted}
         self._aborted = []
@@ -645,6 +665,11 @@ class Engine:
             "prefix_cache_hit_rate": c["cached_tokens"] / c["prompt_tokens"] if c["prompt_tokens"] else 0.0,
             "prefill_tokens": c["prefill_tokens"],
             "preemptions": c["preemptions"],
+            "spec_proposed": c["spec_proposed"], "spec_accepted": c["spec_accepted"],
+            "spec_acceptance_rate": c["spec_accepted"] / c["spec_proposed"] if c["spec_proposed"] else 0.0,
+            # tokens per verification forward and slot (1 = no gain; k + 1 at most)
+            "spec_mean_accepted_length": (c["spec_accepted"] + c["spec_rounds"]) / c["spec_rounds"]
+            if c["spec_rounds"] else 0.0,
             "running": sum(s is not None for s in self.scheduler.slots),
             "waiting": len(self.scheduler.waiting),
         }

@@ -195,6 +195,13 @@ def _filter_and_draw(
     # previous one left, renormalised, as in HF's warper chain: top-k is a rank test; top-p a
     # test on the mass strictly before a token (the most likely token always survives); min-p a
     # ratio to the top probability (which renormalisation does not change).
+    order, masked = _filtered_sorted(logits, temperature, top_k, top_p, min_p)
+    choice = jax.random.categorical(jax.random.wrap_key_data(key, impl="threefry2x32"), masked)
+    return order[choice].astype(jnp.int32)
+
+
+def _filtered_sorted(logits, temperature, top_k, top_p, min_p):
+    """(descending order, the filtered scaled logits in that order, -inf where dropped)."""
     scaled = logits / jnp.maximum(temperature, 1e-6)
     order = jnp.argsort(-scaled)
     sorted_logits = scaled[order]
@@ -203,9 +210,22 @@ def _filter_and_draw(
     probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf))
     keep &= (jnp.cumsum(probs) - probs) < top_p
     keep &= probs >= min_p * probs[0]
-    masked = jnp.where(keep, sorted_logits, -jnp.inf)
-    choice = jax.random.categorical(jax.random.wrap_key_data(key, impl="threefry2x32"), masked)
-    return order[choice].astype(jnp.int32)
+    return order, jnp.where(keep, sorted_logits, -jnp.inf)
+
+
+def filtered_probs(
+    logits: Float[Array, "slots vocab"],
+    temperature: Float[Array, "slots"],
+    top_k: Int[Array, "slots"],
+    top_p: Float[Array, "slots"],
+    min_p: Float[Array, "slots"],
+) -> Float[Array, "slots vocab"]:
+    """The distribution `sample` draws from (temperature, then top-k, top-p, min-p, as
+    `_filter_and_draw`), in vocabulary order: speculative decoding's target p."""
+    def one(lg, t, k, p, m):
+        order, masked = _filtered_sorted(lg, t, k, p, m)
+        return jnp.zeros_like(lg).at[order].set(jax.nn.softmax(masked))
+    return jax.vmap(one)(logits, temperature, top_k, top_p, min_p)
 
 
 def sample(

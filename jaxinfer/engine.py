@@ -43,8 +43,8 @@ from jaxinfer.sampling import SamplingParams, sample_key
 from jaxinfer.scheduler import Scheduler
 from jaxinfer.state import FINISH_REASONS, EngineConfig, init_state
 from jaxinfer.steps import (
-    SpeculativeConfig, admit, decode_steps, evict, fork, make_chunk, make_requests, num_free_pages, permute_slots,
-    prefill, spec_decode_steps,
+    SpeculativeConfig, admit, decode_steps, draft_prefill, evict, fork, init_draft_state, make_chunk, make_requests,
+    num_free_pages, permute_slots, prefill, spec_decode_steps,
 )
 
 
@@ -104,8 +104,11 @@ class Engine:
         precompile: bool | str | None = None,
         allow_long_context: bool = False,
         speculative: SpeculativeConfig | None = None,
+        draft_model: Model | None = None,
     ):
-        # Everything but the model and tokenizer: what a snapshot needs to rebuild this engine.
+        if isinstance(speculative, dict):  # from a snapshot's saved arguments
+            speculative = SpeculativeConfig(**speculative)
+        # Everything but the models and tokenizer: what a snapshot needs to rebuild this engine.
         self._init_kwargs = dict(
             max_slots=max_slots, page_size=page_size, num_pages=num_pages, max_seq_len=max_seq_len,
             prefill_buckets=list(prefill_buckets), max_prefill_batch=max_prefill_batch, decode_steps=decode_steps,
@@ -113,12 +116,18 @@ class Engine:
             seed=seed, add_bos=add_bos, prefill_chunk=prefill_chunk, prefix_caching=prefix_caching,
             batch_invariant=batch_invariant, allow_long_context=allow_long_context,
             speculative=None if speculative is None else dataclasses.asdict(speculative))
-        if isinstance(speculative, dict):  # from a snapshot's saved arguments
-            speculative = SpeculativeConfig(**speculative)
         if speculative is not None and not isinstance(speculative, SpeculativeConfig):
             raise TypeError(f"speculative must be None or a jaxinfer.SpeculativeConfig, got {type(speculative).__name__}")
         self.speculative = speculative
         self._spec_pending = None  # the last burst's SpecStats (on device until the hand-out)
+        if (speculative is not None and speculative.method == "draft") != (draft_model is not None):
+            raise ValueError("draft_model= goes with speculative=SpeculativeConfig(method='draft'), and only with it")
+        if draft_model is not None:
+            if not isinstance(draft_model, Model):
+                raise TypeError(f"draft_model must be a jaxinfer Model, got {type(draft_model).__name__}")
+            if draft_model.config.vocab_size != model.config.vocab_size:
+                raise ValueError(f"the draft model's vocabulary ({draft_model.config.vocab_size}) differs from the "
+                                 f"target's ({model.config.vocab_size}); speculation needs the same tokenizer")
         if not isinstance(model, Model):
             raise TypeError(f"Engine(model=...) must be a jaxinfer Model (jaxinfer.load_model / dummy_model), "
                             f"got {type(model).__name__}{' ' + repr(model) if isinstance(model, str) else ''}")
@@ -175,7 +184,12 @@ class Engine:
         self._closed: collections.deque[_Consumer] = collections.deque()  # abandoned streams to abort
         self._profile = {} if profile else None  # step function -> [calls, seconds]
         self._steps = aot.steps()
-        self._signature = aot.signature_key(self.model, self.state)
+        self.draft_model = self.draft_state = None
+        if draft_model is not None:
+            self.draft_model = draft_model.unstacked() if uses_views(attention_backend) else draft_model
+            self.draft_state = init_draft_state(
+                self.cfg, draft_model.config, jnp.float32 if uses_views(attention_backend) else draft_model.dtype)
+        self._signature = aot.signature_key(self.model, self.state, self.draft_model, self.draft_state)
         if precompile not in (True, False, "background", None):
             raise ValueError(f"precompile must be True, False, 'background' or None, got {precompile!r}")
         if precompile is None:  # load what earlier processes compiled, on the second core
@@ -190,7 +204,7 @@ class Engine:
         "admit": (admit, (0,), (1,)), "prefill": (prefill, (0,), (2,)), "fork": (fork, (0,), (1,)),
         "decode_steps": (decode_steps, (0, 3, 4, 5), (2,)), "evict": (evict, (0,), (1,)),
         "num_free_pages": (num_free_pages, (), ()), "permute_slots": (permute_slots, (0,), (1,)),
-        "spec_decode_steps": (spec_decode_steps, (0, 1, 4), (3,)),
+        "spec_decode_steps": (spec_decode_steps, (0, 1, 4), (3, 6)), "draft_prefill": (draft_prefill, (0,), (2,)),
     }
 
     def _call(self, name: str, *args, shape=None):
@@ -367,6 +381,11 @@ class Engine:
                  min(s.req.params.prompt_logprobs, cfg.max_logprobs)
                  if s.req.out.prompt_logprobs is not None and not s.out.token_ids else -1)
                 for s, k in zip(group, n)], cfg.batch_bucket(len(group)), cfg.prefill_bucket(max(n)))
+            if self.draft_model is not None:  # the draft's K/V of the same chunk, before the state is donated
+                st = self.state
+                self.draft_state = self._call("draft_prefill", cfg, self.draft_model, self.draft_state, chunk,
+                                              st.page_table, st.length, st.prefill_len, st.active, st.finished,
+                                              shape=chunk.tokens.shape)
             self.state, res = self._call("prefill", cfg, self.model, self.state, chunk, shape=chunk.tokens.shape)
             out.append((res, [(s, s.prefill_pos, k) for s, k in zip(group, n)]))
             for s, k in zip(group, n):
@@ -383,8 +402,9 @@ class Engine:
             lengths = lengths[perm]
         slots, span = self.scheduler.decode_shape(lengths, self.cfg.decode_steps)
         if self.speculative is not None:  # rounds of propose + verify; reads the pool, not views
-            self.state, dec, self._spec_pending = self._call(
-                "spec_decode_steps", self.cfg, self.speculative, self.model, self.state, slots, shape=slots)
+            self.state, dec, self._spec_pending, self.draft_state = self._call(
+                "spec_decode_steps", self.cfg, self.speculative, self.model, self.state, slots, self.draft_model,
+                self.draft_state, shape=slots)
             return dec
         self.state, dec = self._call("decode_steps", self.cfg, self.model, self.state, self.cfg.decode_steps,
                                      slots, span)

@@ -4,10 +4,18 @@ target's own. `spec_decode_steps` is a drop-in for `decode_steps` (same DecodeRe
 [decode_steps, slots], each slot's tokens in order), so the engine's hand-out, streaming, stop
 strings and logprobs work unchanged.
 
-Proposer: n-gram / prompt lookup, on device. A slot's history (prompt + output) is read back
-from the allocator's per-position token record through the page table; the longest suffix of
-n in [ngram_min, ngram_max] tokens that occurred earlier proposes the tokens that followed its
-latest earlier occurrence. No host sync, no extra state.
+Proposers, on device, no host sync:
+- "ngram" (prompt lookup): a slot's history (prompt + output) is read back from the allocator's
+  per-position token record through the page table; the longest suffix of n in [ngram_min,
+  ngram_max] tokens that occurred earlier proposes the tokens that followed its latest earlier
+  occurrence. No extra state.
+- "draft": a smaller model with the same vocabulary proposes k greedy tokens, one draft decode
+  step each, over its own K/V pool (`DraftState`) kept in the target's pages (same page table,
+  allocator and prefix cache): `draft_prefill` writes the prompt's draft K/V beside every
+  target prefill chunk, and each round writes the draft K/V of the tokens it feeds. A quantized
+  copy of the target (`jaxinfer.quantize`) is a valid draft. Draft K/V that is stale (a forked
+  sample's copied page, a restored snapshot) only lowers the acceptance rate: every proposal
+  is verified, so the output never depends on the draft.
 
 Verification writes K/V for positions [L, L + n_prop] (L = length; the pages are allocated as
 decode allocates them) and attends like a prefill chunk, so each position sees exactly the
@@ -35,22 +43,25 @@ import dataclasses
 import flax.struct
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Int
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
 
 from jaxinfer import allocator
-from jaxinfer.attention import chunk_attention
+from jaxinfer.attention import chunk_attention, decode_attention
 from jaxinfer.decode import DecodeResult, put_slots, take_slots
 from jaxinfer.dims import AnyArray
 from jaxinfer.model import Model, decoder, lm_head
 from jaxinfer.sampling import filtered_probs, process_logits, token_logprobs
 from jaxinfer.state import FINISH_ABORT, FINISH_LENGTH, FINISH_NONE, FINISH_STOP, NULL_PAGE, EngineConfig, EngineState
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft")
 
 
 @dataclasses.dataclass(frozen=True)
 class SpeculativeConfig:
-    """Static: part of the compiled step's key. num_tokens = k proposals per slot per round."""
+    """Static: part of the compiled step's key. num_tokens = k proposals per slot per round. For
+    method "draft" the draft model itself goes to `Engine(draft_model=...)` (arrays are not
+    static configuration)."""
 
     method: str = "ngram"
     num_tokens: int = 3
@@ -59,8 +70,7 @@ class SpeculativeConfig:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ValueError(f"SpeculativeConfig.method must be one of {METHODS}, got {self.method!r} "
-                             "(draft-model speculation is not built yet)")
+            raise ValueError(f"SpeculativeConfig.method must be one of {METHODS}, got {self.method!r}")
         for name in ("num_tokens", "ngram_max", "ngram_min"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -108,6 +118,82 @@ def ngram_propose(spec: SpeculativeConfig, hist: Int[Array, "slots seq"], length
     return proposals.astype(jnp.int32), count.astype(jnp.int32)
 
 
+@flax.struct.dataclass
+class DraftState:
+    """The draft model's K/V, in the target's pages: page p of the draft pool holds the draft's
+    K/V of the same tokens as page p of the target pool (same page table, allocator, prefix
+    cache). Only its own quality depends on it being complete: proposals are always verified."""
+
+    k_pages: Float[Array, "layers pages page_size kv_heads head_dim"]
+    v_pages: Float[Array, "layers pages page_size kv_heads head_dim"]
+
+
+def init_draft_state(cfg: EngineConfig, draft_config, dtype) -> DraftState:
+    shape = (draft_config.num_layers, cfg.num_pages, cfg.page_size, draft_config.num_kv_heads, draft_config.head_dim)
+    return DraftState(jax.device_put(np.zeros(shape, dtype)), jax.device_put(np.zeros(shape, dtype)))
+
+
+def draft_prefill(cfg: EngineConfig, draft: Model, ds: DraftState, chunk, page_table: Int[Array, "slots pages_per_seq"],
+                  length: Int[Array, "slots"], prefill_len: Int[Array, "slots"], active: Bool[Array, "slots"],
+                  finished: Bool[Array, "slots"]) -> DraftState:
+    """The draft's half of `prefill`: the same chunk at the same positions, its K/V into the
+    draft pool. Called with the target's state before the target's prefill of that chunk."""
+    s, ps = cfg.max_slots, cfg.page_size
+    b, t = chunk.tokens.shape
+    sc = jnp.clip(chunk.slot, 0, s - 1)
+    prefilling = active & ~finished & (length < prefill_len)
+    valid = (chunk.slot < s) & (chunk.n > 0) & prefilling[sc]
+    start = jnp.where(valid, length[sc], 0)
+    n = jnp.where(valid, jnp.minimum(chunk.n, prefill_len[sc] - start), 0)
+    table = jnp.where(valid[:, None], page_table[sc], NULL_PAGE)
+    pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    in_chunk = jnp.arange(t)[None, :] < n[:, None]
+    write_page = jnp.where(in_chunk, jnp.take_along_axis(table, jnp.minimum(pos // ps, table.shape[1] - 1), 1), NULL_PAGE)
+    write_off = pos % ps
+
+    def attend(i, q, kk, vv, kv, layer_spec):
+        kp, vp = kv
+        kp = kp.at[i, write_page, write_off].set(kk.astype(kp.dtype))
+        vp = vp.at[i, write_page, write_off].set(vv.astype(vp.dtype))
+        o = chunk_attention(q, kk, vv, kp, vp, i, table, start, n, backend=cfg.attention_backend, **layer_spec.kwargs())
+        return o, (kp, vp)
+
+    _, (kp, vp) = decoder(draft, chunk.tokens, pos, attend, (ds.k_pages, ds.v_pages))
+    return DraftState(kp, vp)
+
+
+def draft_propose(cfg: EngineConfig, spec: SpeculativeConfig, draft: Model, ds: DraftState, st: EngineState,
+                  page_table, n_prop, running) -> tuple[DraftState, Int[Array, "slots k"]]:
+    """k greedy draft tokens per slot: feed last_token, p_1, ..., p_k at positions L..L+k (the
+    last step only writes p_k's K/V, so the draft pool is complete up to every accepted
+    position); writes beyond L + n_prop go to the null page."""
+    s, ps, k = st.length.shape[0], cfg.page_size, spec.num_tokens
+    rows = jnp.arange(s)
+    tok = st.last_token
+    props = []
+    kp, vp = ds.k_pages, ds.v_pages
+    for j in range(k + 1):
+        pos = st.length + j
+        live = running & (j <= n_prop)
+        page = jnp.where(live, page_table[rows, jnp.minimum(pos // ps, cfg.pages_per_seq - 1)], NULL_PAGE)
+        off = pos % ps
+        attn_len = jnp.where(live, pos + 1, 0)
+
+        def attend(i, q, kk, vv, kv, layer_spec, page=page, off=off, attn_len=attn_len):
+            kp, vp = kv
+            kp = kp.at[i, page[:, None], off[:, None]].set(kk.astype(kp.dtype))
+            vp = vp.at[i, page[:, None], off[:, None]].set(vv.astype(vp.dtype))
+            o = decode_attention(q[:, 0], kp, vp, i, page_table, attn_len, backend=cfg.attention_backend,
+                                 **layer_spec.kwargs())
+            return o[:, None], (kp, vp)
+
+        h, (kp, vp) = decoder(draft, tok[:, None], pos[:, None], attend, (kp, vp))
+        if j < k:
+            tok = jnp.argmax(lm_head(draft, h[:, 0]), axis=-1).astype(jnp.int32)
+            props.append(tok)
+    return DraftState(kp, vp), jnp.stack(props, axis=1)
+
+
 def _allocate_span(cfg: EngineConfig, a, page_table, start, last, running):
     """Pages for positions [start, last] of each running slot, where still missing."""
     ps, s = cfg.page_size, start.shape[0]
@@ -126,12 +212,15 @@ def _allocate_span(cfg: EngineConfig, a, page_table, start, last, running):
     return a, page_table, granted | ~jnp.any(need, axis=1)
 
 
-def _round(cfg: EngineConfig, spec: SpeculativeConfig, model: Model, st: EngineState, running, used):
-    """One propose-verify-accept round over all slots; returns (state, tokens [s, k+1],
-    emitted [s, k+1], logprob outputs, proposed, accepted)."""
+def _round(cfg: EngineConfig, spec: SpeculativeConfig, model: Model, st: EngineState, running, used, draft, ds):
+    """One propose-verify-accept round over all slots; returns (state, draft state, tokens
+    [s, k+1], emitted [s, k+1], logprob outputs, proposed, accepted)."""
     s, k, ps = st.length.shape[0], spec.num_tokens, cfg.page_size
     L, g = st.length, st.num_generated
-    proposals, n_prop = ngram_propose(spec, history(st, cfg), L)
+    if spec.method == "ngram":
+        proposals, n_prop = ngram_propose(spec, history(st, cfg), L)
+    else:  # the draft proposes at every position; its tokens come after the pages are allocated
+        proposals, n_prop = None, jnp.full((s,), k, jnp.int32)
     # Never write past what decode could: the burst's budget, max_tokens, max_seq_len.
     n_prop = jnp.clip(jnp.minimum(jnp.minimum(n_prop, cfg.decode_steps - used - 1),
                                   jnp.minimum(st.max_tokens - g - 1, cfg.max_seq_len - L - 2)), 0, k)
@@ -139,6 +228,8 @@ def _round(cfg: EngineConfig, spec: SpeculativeConfig, model: Model, st: EngineS
     a, page_table, granted = _allocate_span(cfg, st.alloc, st.page_table, L, L + n_prop, running)
     starved = running & ~granted
     running = running & granted
+    if spec.method == "draft":
+        ds, proposals = draft_propose(cfg, spec, draft, ds, st, page_table, jnp.where(running, n_prop, -1), running)
     tokens = jnp.concatenate([st.last_token[:, None], proposals], axis=1)  # [s, k+1]
     pos = L[:, None] + jnp.arange(k + 1)[None, :]
     live = running[:, None] & (jnp.arange(k + 1)[None, :] <= n_prop[:, None])
@@ -216,15 +307,22 @@ def _round(cfg: EngineConfig, spec: SpeculativeConfig, model: Model, st: EngineS
                     last_token=jnp.where(running, last, st.last_token), num_generated=g + m,
                     seen=seen, counts=counts, finished=finished, finish_reason=reason)
     lp = token_logprobs(logits, tok, cfg.max_logprobs, jnp.any(running & (st.logprobs >= 0)))
-    return st, tok, emitted, lp, n_prop, accepted
+    return st, ds, tok, emitted, lp, n_prop, accepted
 
 
 def spec_decode_steps(cfg: EngineConfig, spec: SpeculativeConfig, model: Model, state: EngineState,
-                      slots: int | None = None) -> tuple[EngineState, DecodeResult, SpecStats]:
+                      slots: int | None = None, draft: Model | None = None, draft_state: DraftState | None = None
+                      ) -> tuple[EngineState, DecodeResult, SpecStats, DraftState | None]:
     """Up to cfg.decode_steps tokens per running slot (the first `slots` slots) in rounds of
     propose + verify, one host sync for all; see the module docstring. DecodeResult arrays are
-    [decode_steps, slots] with each slot's tokens at the front of its column, in order."""
+    [decode_steps, slots] with each slot's tokens at the front of its column, in order. Method
+    "draft" needs `draft` (same vocabulary) and its `draft_state`, returned updated."""
     b = cfg.max_slots if slots is None else slots
+    if spec.method == "draft" and (draft is None or draft_state is None):
+        raise ValueError("spec_decode_steps: method 'draft' needs draft= and draft_state=")
+    if draft is not None and draft.config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the target's "
+                         f"({model.config.vocab_size})")
     if not 1 <= b <= cfg.max_slots:
         raise ValueError(f"spec_decode_steps: slots={slots} must be in [1, {cfg.max_slots}]")
     n, k, kl = cfg.decode_steps, spec.num_tokens, cfg.max_logprobs
@@ -240,13 +338,14 @@ def spec_decode_steps(cfg: EngineConfig, spec: SpeculativeConfig, model: Model, 
         return st.running & (used < n)
 
     def cond(carry):
-        st, used, _, _ = carry
+        st, used, _, _, _ = carry
         return jnp.any(go(st, used))
 
     def body(carry):
-        st, used, outs, stats = carry
+        st, used, outs, stats, ds = carry
         running = go(st, used)
-        st, tok, emitted, (lp, top_ids, top_lp), proposed, accepted = _round(cfg, spec, model, st, running, used)
+        st, ds, tok, emitted, (lp, top_ids, top_lp), proposed, accepted = _round(cfg, spec, model, st, running,
+                                                                                  used, draft, ds)
         # Token j of the round goes to row used + j of the slot's column (dropped if not emitted).
         row = jnp.where(emitted, used[:, None] + jnp.arange(k + 1)[None, :], n)
         col = jnp.broadcast_to(jnp.arange(b)[:, None], row.shape)
@@ -257,11 +356,12 @@ def spec_decode_steps(cfg: EngineConfig, spec: SpeculativeConfig, model: Model, 
             top_ids=outs.top_ids.at[row, col].set(top_ids, mode="drop"),
             top_logprobs=outs.top_logprobs.at[row, col].set(top_lp, mode="drop"))
         stats = SpecStats(stats.proposed + proposed, stats.accepted + accepted, stats.rounds + running)
-        return st, used + emitted.sum(1).astype(jnp.int32), outs, stats
+        return st, used + emitted.sum(1).astype(jnp.int32), outs, stats, ds
 
-    sub, _, outs, stats = jax.lax.while_loop(cond, body, (sub, zero, outs, stats))
-    return put_slots(state, sub), outs, stats
+    sub, _, outs, stats, draft_state = jax.lax.while_loop(cond, body, (sub, zero, outs, stats, draft_state))
+    return put_slots(state, sub), outs, stats, draft_state
 
 
-spec_decode_steps_jit = jax.jit(spec_decode_steps, static_argnums=(0, 1, 4), donate_argnums=3)
+spec_decode_steps_jit = jax.jit(spec_decode_steps, static_argnums=(0, 1, 4), donate_argnums=(3, 6))
+draft_prefill_jit = jax.jit(draft_prefill, static_argnums=0, donate_argnums=2)
 

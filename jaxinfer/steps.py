@@ -32,7 +32,8 @@ from jaxinfer.decode import (  # noqa: F401  re-exported: the steps are one API
     DecodeResult, decode, decode_forward, decode_forward_jit, decode_jit, decode_steps, decode_steps_jit,
 )
 from jaxinfer.speculative import (  # noqa: F401  re-exported: the steps are one API
-    SpecStats, SpeculativeConfig, spec_decode_steps, spec_decode_steps_jit,
+    DraftState, SpecStats, SpeculativeConfig, draft_prefill, draft_prefill_jit, init_draft_state, spec_decode_steps,
+    spec_decode_steps_jit,
 )
 from jaxinfer.dims import AnyArray
 from jaxinfer.model import Model, decoder, lm_head

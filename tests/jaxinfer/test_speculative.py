@@ -24,8 +24,27 @@ def stories(assets_dir):
     return jaxinfer.load_model(path), jaxinfer.load_tokenizer(path)
 
 
-@pytest.mark.parametrize("k", [1, 3, 5])
-def test_greedy_equals_plain_decoding_with_preemption(stories, k):
+@pytest.fixture(scope="module")
+def int8_draft(stories):
+    return jaxinfer.quantize(stories[0], "int8")  # a quantized copy of the target is a valid draft
+
+
+@pytest.fixture(scope="module")
+def plain_reference(stories):
+    model, tok = stories
+    cache = {}
+
+    def run(prompts, params, **kw):
+        key = (repr(params), repr(sorted(kw.items())))
+        if key not in cache:
+            cache[key] = jaxinfer.Engine(model, tokenizer=tok, **kw).generate(prompts, params)
+        return cache[key]
+    return run
+
+
+@pytest.mark.parametrize("method,k", [("ngram", 1), ("ngram", 3), ("ngram", 5), ("draft", 1), ("draft", 3),
+                                      ("draft", 5)])
+def test_greedy_equals_plain_decoding_with_preemption(stories, int8_draft, plain_reference, method, k):
     """18 requests on 4 slots and a pool small enough to preempt, with stop strings, min_tokens
     and logprobs: tokens, texts and finish reasons equal; logprobs to 1e-5 (the verify forward
     runs k+1 positions at once, so float32 rounding differs from one-token decode)."""
@@ -33,9 +52,9 @@ def test_greedy_equals_plain_decoding_with_preemption(stories, k):
     kw = dict(max_slots=4, page_size=8, num_pages=24, max_seq_len=160, decode_steps=8)
     params = [SP(max_tokens=48, temperature=0.0, logprobs=2, stop=["Lily."] if i % 3 == 0 else (),
                  min_tokens=4 if i % 4 == 1 else 0) for i in range(len(PROMPTS))]
-    plain = jaxinfer.Engine(model, tokenizer=tok, **kw)
-    ref = plain.generate(PROMPTS, params)
-    spec = jaxinfer.Engine(model, tokenizer=tok, speculative=SpeculativeConfig(num_tokens=k), **kw)
+    ref = plain_reference(PROMPTS, params, **kw)
+    spec = jaxinfer.Engine(model, tokenizer=tok, speculative=SpeculativeConfig(method=method, num_tokens=k),
+                           draft_model=int8_draft if method == "draft" else None, **kw)
     got = spec.generate(PROMPTS, params)
     for g, r in zip(got, ref):
         assert (g.token_ids, g.text, g.finish_reason) == (r.token_ids, r.text, r.finish_reason)
@@ -171,8 +190,14 @@ def test_seeded_sampling_with_speculation_is_reproducible(stories):
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
 
 
-def test_bad_speculative_config_is_refused():
+def test_bad_speculative_config_is_refused(tiny_model):
     with pytest.raises(ValueError, match="method must be one of"):
         SpeculativeConfig(method="eagle")
+    with pytest.raises(ValueError, match="draft_model= goes with"):
+        jaxinfer.Engine(tiny_model, speculative=SpeculativeConfig(method="draft"))
+    import dataclasses
+    other = jaxinfer.dummy_model(dataclasses.replace(tiny_model.config, vocab_size=300))
+    with pytest.raises(ValueError, match="vocabulary"):
+        jaxinfer.Engine(tiny_model, speculative=SpeculativeConfig(method="draft"), draft_model=other)
     with pytest.raises(ValueError, match="num_tokens must be an integer >= 1"):
         SpeculativeConfig(num_tokens=0)

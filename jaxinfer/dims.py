@@ -45,6 +45,10 @@ VOCAB = "vocab"
 MAX_STOPS = "max_stops"
 STEPS = "steps"
 MAX_LOGPROBS = "max_logprobs"
+# Structured output (jaxinfer/grammar.py): constraint table entries and their padded sizes.
+GRAMMARS = "grammars"
+GRAMMAR_STATES = "grammar_states"
+GRAMMAR_CLASSES = "grammar_classes"
 
 # Shared aliases for the arrays that cross module boundaries.
 Tokens = Int[Array, "batch seq"]
@@ -66,6 +70,7 @@ __all__ = [
     "AnyArray",
     "BATCH", "SEQ", "SLOTS", "PAGES", "PAGE_SIZE", "PAGES_PER_SEQ", "LAYERS", "Q_HEADS",
     "KV_HEADS", "HEAD_DIM", "HIDDEN", "FFN", "VOCAB", "MAX_STOPS", "STEPS", "MAX_LOGPROBS",
+    "GRAMMARS", "GRAMMAR_STATES", "GRAMMAR_CLASSES",
     "Tokens", "Lengths", "Logits", "Queries", "KeysValues", "DecodeQueries", "PageTable",
     "LayerPages", "KVPool", "SlotInts", "SlotFloats", "SlotBools", "SlotKeys", "StopIds",
 ]

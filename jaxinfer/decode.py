@@ -17,13 +17,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from jaxinfer import allocator
+from jaxinfer import allocator, grammar
 from jaxinfer.attention import decode_attention, decode_view, uses_views, view_attention, view_write
 from jaxinfer.dims import AnyArray
 from jaxinfer.model import Model, decoder, lm_head
 from jaxinfer.sampling import process_logits, sample, token_logprobs
 from jaxinfer.state import (
-    FINISH_ABORT, FINISH_LENGTH, FINISH_NONE, FINISH_STOP, NULL_PAGE, SLOT_FIELDS, EngineConfig, EngineState,
+    FINISH_ABORT, FINISH_DEAD_END, FINISH_LENGTH, FINISH_NONE, FINISH_STOP, NULL_PAGE, SLOT_FIELDS, EngineConfig, EngineState,
 )
 
 
@@ -127,6 +127,10 @@ def _step(cfg: EngineConfig, model: Model, state: EngineState, running, views, s
     st, logits, running, views = _forward(cfg, model, state, running, views, span)
     processed = process_logits(logits, st.num_generated, st.min_tokens, st.stop_ids, st.seen, st.counts,
                                st.repetition_penalty, st.presence_penalty, st.frequency_penalty)
+    # Structured output: after the penalties, before temperature / top-k / top-p (vLLM's order).
+    processed, dead = grammar.constrain(processed, running & (st.grammar >= 0), st.grammar, st.grammar_state,
+                                        st.stop_ids, st.grammar_class, st.grammar_next, st.grammar_flags)
+    running = running & ~dead  # a dead end emits nothing and finishes below
     token = sample(processed, st.temperature, st.top_k, st.top_p, st.min_p, st.rng, st.num_generated)
     logprob, top_ids, top_logprobs = token_logprobs(logits, token, cfg.max_logprobs,
                                                     jnp.any(running & (st.logprobs >= 0)))
@@ -137,9 +141,10 @@ def _step(cfg: EngineConfig, model: Model, state: EngineState, running, views, s
         num_generated=st.num_generated + running,
         seen=st.seen.at[rows, col].set(True, mode="drop"),
         counts=st.counts.at[rows, col].add(1, mode="drop"),
+        grammar_state=grammar.advance(token, running, st.grammar, st.grammar_state, st.grammar_class, st.grammar_next),
     )
     finished, reason = _finish(st, running, token, cfg)
-    st = st.replace(finished=finished, finish_reason=reason)
+    st = st.replace(finished=finished | dead, finish_reason=jnp.where(dead, FINISH_DEAD_END, reason))
     return st, views, DecodeResult(token=token, emitted=running, logprob=logprob, top_ids=top_ids,
                                    top_logprobs=top_logprobs)
 
@@ -147,8 +152,10 @@ def _step(cfg: EngineConfig, model: Model, state: EngineState, running, views, s
 def decode(cfg: EngineConfig, model: Model, state: EngineState,
            mask: Bool[Array, "slots"] | None = None) -> tuple[EngineState, DecodeResult]:
     """One token for every running slot (in `mask`): `decode_forward`, logits processing
-    (min_tokens, penalties), sample, logprobs, penalty-history update, stop/length detection."""
+    (min_tokens, penalties), structured-output mask, sample, logprobs, penalty-history update,
+    stop/length detection. A slot waiting for its host-side constraint mask does not run."""
     running = state.running if mask is None else state.running & mask
+    running = running & ~grammar.stalled(state.grammar, state.grammar_state, state.grammar_flags)
     st, _, out = _step(cfg, model, state, running, None, cfg.pages_per_seq * cfg.page_size)
     return st, out
 
@@ -199,8 +206,8 @@ def decode_steps(cfg: EngineConfig, model: Model, state: EngineState, num_steps:
         top_logprobs=jnp.zeros((num_steps, b, k), jnp.float32),
     )
 
-    def fits(st):
-        return st.running & (st.length < t)
+    def fits(st):  # (a slot waiting for its host-side constraint mask sits the burst out)
+        return st.running & (st.length < t) & ~grammar.stalled(st.grammar, st.grammar_state, st.grammar_flags)
 
     def cond(carry):
         i, st, _, _ = carry

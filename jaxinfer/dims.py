@@ -53,6 +53,10 @@ TOKENS = "tokens"
 EXPERTS = "experts"
 TOP_K = "top_k"
 TILES = "tiles"
+# Structured output (jaxinfer/grammar.py): constraint table entries and their padded sizes.
+GRAMMARS = "grammars"
+GRAMMAR_STATES = "grammar_states"
+GRAMMAR_CLASSES = "grammar_classes"
 
 # Shared aliases for the arrays that cross module boundaries.
 Tokens = Int[Array, "batch seq"]
@@ -74,7 +78,7 @@ __all__ = [
     "AnyArray",
     "BATCH", "SEQ", "SLOTS", "PAGES", "PAGE_SIZE", "PAGES_PER_SEQ", "LAYERS", "Q_HEADS",
     "KV_HEADS", "HEAD_DIM", "HIDDEN", "FFN", "VOCAB", "MAX_STOPS", "STEPS", "MAX_LOGPROBS", "TOKENS",
-    "EXPERTS", "TOP_K", "TILES",
+    "EXPERTS", "TOP_K", "TILES", "GRAMMARS", "GRAMMAR_STATES", "GRAMMAR_CLASSES",
     "Tokens", "Lengths", "Logits", "Queries", "KeysValues", "DecodeQueries", "PageTable",
     "LayerPages", "KVPool", "SlotInts", "SlotFloats", "SlotBools", "SlotKeys", "StopIds",
 ]

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer import aot, snapshot
+from jaxinfer import aot, grammar, snapshot, structured
 from jaxinfer.attention import uses_views
 from jaxinfer.errors import InvalidRequestError
 from jaxinfer.model import Model
@@ -43,8 +43,8 @@ from jaxinfer.sampling import SamplingParams, sample_key
 from jaxinfer.scheduler import Scheduler
 from jaxinfer.state import FINISH_REASONS, EngineConfig, init_state
 from jaxinfer.steps import (
-    SpeculativeConfig, admit, decode_steps, draft_prefill, evict, fork, init_draft_state, make_chunk, make_requests,
-    num_free_pages, permute_slots, prefill, spec_decode_steps,
+    SpeculativeConfig, admit, decode_steps, draft_prefill, evict, fork, init_draft_state, load_grammar, make_chunk,
+    make_grammar_load, make_requests, num_free_pages, permute_slots, prefill, spec_decode_steps,
 )
 
 
@@ -105,6 +105,8 @@ class Engine:
         allow_long_context: bool = False,
         speculative: SpeculativeConfig | None = None,
         draft_model: Model | None = None,
+        grammar_states: int = 256,
+        grammar_classes: int = 256,
     ):
         if isinstance(speculative, dict):  # from a snapshot's saved arguments
             speculative = SpeculativeConfig(**speculative)
@@ -114,8 +116,8 @@ class Engine:
             prefill_buckets=list(prefill_buckets), max_prefill_batch=max_prefill_batch, decode_steps=decode_steps,
             max_stop_ids=max_stop_ids, attention_backend=attention_backend, max_logprobs=max_logprobs, mode=mode,
             seed=seed, add_bos=add_bos, prefill_chunk=prefill_chunk, prefix_caching=prefix_caching,
-            batch_invariant=batch_invariant, allow_long_context=allow_long_context,
-            speculative=None if speculative is None else dataclasses.asdict(speculative))
+            batch_invariant=batch_invariant, allow_long_context=allow_long_context, grammar_states=grammar_states,
+            grammar_classes=grammar_classes, speculative=None if speculative is None else dataclasses.asdict(speculative))
         if speculative is not None and not isinstance(speculative, SpeculativeConfig):
             raise TypeError(f"speculative must be None or a jaxinfer.SpeculativeConfig, got {type(speculative).__name__}")
         self.speculative = speculative
@@ -161,6 +163,7 @@ class Engine:
             # Fixed decode shapes: a row's arithmetic must not depend on how many rows run.
             decode_slot_buckets=(max_slots,) if batch_invariant else (),
             decode_span_buckets=(-(-max_seq_len // page_size) * page_size,) if batch_invariant else (),
+            grammar_states=grammar_states, grammar_classes=grammar_classes,
         )
         self.scheduler = Scheduler(self.cfg, mode)
         self.mode = mode
@@ -182,6 +185,12 @@ class Engine:
         # deltas of requests added with add_request() collect here and step() returns them.
         self._unowned: collections.deque[StreamDelta] = collections.deque()
         self._closed: collections.deque[_Consumer] = collections.deque()  # abandoned streams to abort
+        # Structured output: what each constraint-table entry holds (an automaton's key, or
+        # ("host", sample) for a host-mask fallback sample), how many samples in slots use it,
+        # and when it was last used (LRU reuse of loaded automata).
+        self._grammar_keys: list[tuple | None] = [None] * max_slots
+        self._grammar_users = [0] * max_slots
+        self._grammar_used = [0] * max_slots
         self._profile = {} if profile else None  # step function -> [calls, seconds]
         self._steps = aot.steps()
         self.draft_model = self.draft_state = None
@@ -205,6 +214,7 @@ class Engine:
         "decode_steps": (decode_steps, (0, 3, 4, 5), (2,)), "evict": (evict, (0,), (1,)),
         "num_free_pages": (num_free_pages, (), ()), "permute_slots": (permute_slots, (0,), (1,)),
         "spec_decode_steps": (spec_decode_steps, (0, 1, 4), (3, 6)), "draft_prefill": (draft_prefill, (0,), (2,)),
+        "load_grammar": (load_grammar, (0,), (1,)),
     }
 
     def _call(self, name: str, *args, shape=None):
@@ -232,7 +242,7 @@ class Engine:
         # decode from the shortest span, prefill from the shortest prompts.
         return {
             "num_free_pages": [None], "admit": [self._admit_shape()], "evict": [None], "permute_slots": [None],
-            "fork": [None],
+            "fork": [None], "load_grammar": [None],
             "decode_steps": [(b, t) for t in cfg.decode_span_buckets for b in reversed(cfg.decode_slot_buckets)],
             "prefill": [(b, t) for t in cfg.prefill_buckets for b in cfg.batch_buckets],
         }
@@ -261,6 +271,8 @@ class Engine:
                     args = (cfg, state, np.zeros((cfg.max_slots,), bool))
                 elif name == "permute_slots":
                     args = (cfg, state, i32(cfg.max_slots))
+                elif name == "load_grammar":
+                    args = (cfg, state, make_grammar_load(cfg, model.config.vocab_size))
                 else:
                     args = (state,)
                 self._steps.submit(name, fn, args, static, donated, (self._signature, shape), only_cached)
@@ -289,7 +301,86 @@ class Engine:
             self.state = self._call("evict", self.cfg, self.state, mask)
 
     def _vacate(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            self._grammar_release(seq)
         self._evict(self.scheduler.release(seqs))
+
+    # ------------------------------------------------------------------ structured output
+    def _fits_table(self, auto) -> bool:
+        return auto.fits(self.cfg.grammar_states, self.cfg.grammar_classes)
+
+    def _grammar_acquire(self, seq: Sequence, key: tuple, auto=None) -> int:
+        """A constraint-table entry for `seq`: the one already holding `key`, else the least
+        recently used free entry (loaded with `auto` if given). There are max_slots entries and
+        each sample in a slot holds at most one, so a free entry always exists."""
+        if key in self._grammar_keys:
+            e = self._grammar_keys.index(key)
+        else:
+            free = [i for i in range(self.cfg.max_slots) if self._grammar_users[i] == 0]
+            e = min(free, key=lambda i: (self._grammar_keys[i] is not None, self._grammar_used[i]))
+            self._grammar_keys[e] = key
+            if auto is not None:
+                flags = np.where(auto.accepting, grammar.ACCEPTING, grammar.NONE).astype(np.int32)
+                g = make_grammar_load(self.cfg, self.model.config.vocab_size, e, auto.class_of, auto.next, flags)
+                self.state = self._call("load_grammar", self.cfg, self.state, g)
+        self._grammar_users[e] += 1
+        self._counters["grammar_clock"] += 1
+        self._grammar_used[e] = self._counters["grammar_clock"]
+        seq.grammar_entry = e
+        return e
+
+    def _grammar_release(self, seq: Sequence) -> None:
+        if seq.grammar_entry is not None:
+            e = seq.grammar_entry
+            self._grammar_users[e] -= 1
+            if self._grammar_keys[e] is not None and self._grammar_keys[e][0] == "host":
+                self._grammar_keys[e] = None  # a fallback sample's private mask
+            seq.grammar_entry, seq.host_loaded = None, None
+
+    def _grammar_place(self, seq: Sequence, tokens: list[int]) -> tuple[int, int]:
+        """(entry, automaton state after `tokens`) for a constrained sample entering a slot."""
+        auto = seq.req.constraint
+        if self._fits_table(auto):
+            return self._grammar_acquire(seq, auto.key, auto), auto.walk(tokens)
+        state = auto.index.get_initial_state()
+        for t in tokens:
+            state = auto.index.get_next_state(state, int(t))
+        seq.host_state = state
+        return self._grammar_acquire(seq, ("host", id(seq))), 0
+
+    def _grammar_refresh(self) -> None:
+        """Host-mask fallback: before a burst, write each fallback sample's allowed tokens at its
+        host-side state into its entry as a two-state automaton (allowed -> STALL), so the sample
+        decodes one token and then sits out the rest of the burst until the host advances it."""
+        for slot, seq in enumerate(self.scheduler.slots):
+            if seq is None or seq.slot is None or seq.grammar_entry is None or seq.host_state is None:
+                continue
+            if seq.host_loaded == (slot, seq.host_state) or seq.finished or seq.stopped:
+                continue
+            index, st, e = seq.req.constraint.index, seq.host_state, seq.grammar_entry
+            class_of = np.zeros((self.model.config.vocab_size,), np.int32)
+            allowed = [t for t in (index.get_allowed_tokens(st) or []) if t < len(class_of)]
+            class_of[allowed] = 1
+            class_of[list(self.eos_ids)] = 0  # EOS: the stop ids, allowed in accepting states
+            final = grammar.ACCEPTING if index.is_final_state(st) else grammar.NONE
+            g = make_grammar_load(self.cfg, len(class_of), e, class_of, np.array([[-1, 1], [-1, -1]], np.int32),
+                                  np.array([final, grammar.STALL], np.int32), {slot: (e, 0)})
+            self.state = self._call("load_grammar", self.cfg, self.state, g)
+            seq.host_loaded = (slot, st)
+            self._counters["grammar_host_masks"] += 1
+
+    def _grammar_resync(self) -> None:
+        """After a restore: compile every live request's constraint again and give the samples
+        in slots their entries and states (the host-side table bookkeeping is not saved)."""
+        for req in self._live.values():
+            if req.params.constraint is not None and req.constraint is None:
+                req.constraint = structured.compile_constraint(*req.params.constraint, self.tokenizer,
+                                                               self.model.config.vocab_size, self.eos_ids)
+        for slot, seq in enumerate(self.scheduler.slots):
+            if seq is not None and seq.slot is not None and seq.req.constraint is not None:
+                e, st = self._grammar_place(seq, seq.out.token_ids)
+                g = make_grammar_load(self.cfg, self.model.config.vocab_size, slot_assign={slot: (e, st)})
+                self.state = self._call("load_grammar", self.cfg, self.state, g)
 
     def _free_pages(self) -> int:
         return int(self._call("num_free_pages", self.state))
@@ -325,6 +416,7 @@ class Engine:
         forks = self._run_forks()
         dec = None
         if any(s is not None for s in self.scheduler.slots):
+            self._grammar_refresh()
             dec = self._run_decode(lengths)
         return self._hand_out(prefills, forks, dec)
 
@@ -353,11 +445,14 @@ class Engine:
             [s.req.rid for s in batch], *self._admit_shape(),
             num_generated=[len(s.out.token_ids) for s in batch], sample_index=[s.index for s in batch],
             slots=[s.slot for s in batch],
+            grammars=[self._grammar_place(s, s.out.token_ids) if s.req.constraint is not None else None
+                      for s in batch],
         )
         self.state, res = self._call("admit", cfg, self.state, reqs, shape=reqs.tokens.shape)
         res = jax.device_get(res)
         for row, seq in enumerate(batch):
             if not res.accepted[row]:  # cannot happen with the accounting above; requeue
+                self._grammar_release(seq)
                 self._vacate([seq] + [f for f in seq.forks if not f.forked])
                 self.scheduler.requeue(seq)
                 continue
@@ -418,6 +513,12 @@ class Engine:
                 "fork", self.cfg, self.state, np.asarray([src.slot], np.int32),
                 np.asarray([slot], np.int32), sample_key(src.req.params.seed, seq.index)[None])
             self.scheduler.forked(src, seq, slot)
+            if src.req.constraint is not None:  # the copied row points at src's entry and state
+                if src.host_state is not None:
+                    seq.host_state = src.host_state
+                    self._grammar_acquire(seq, ("host", id(seq)))
+                else:
+                    self._grammar_acquire(seq, src.req.constraint.key)
             out.append((seq, ok))
         return out
 
@@ -451,13 +552,17 @@ class Engine:
             for t in range(dec.token.shape[0]):
                 for s in np.nonzero(dec.emitted[t])[0]:
                     seq = slots[s]
-                    seq.append_token(int(dec.token[t, s]), now, (dec.logprob[t, s], dec.top_ids[t, s], dec.top_logprobs[t, s]))
+                    tok = int(dec.token[t, s])
+                    if seq.host_state is not None and tok not in seq.req.params.stop_token_ids:
+                        seq.host_state = seq.req.constraint.index.get_next_state(seq.host_state, tok)
+                    seq.append_token(tok, now, (dec.logprob[t, s], dec.top_ids[t, s], dec.top_logprobs[t, s]))
                     touched[id(seq)] = seq
         done = []
         for s, seq in enumerate(self.scheduler.slots):
             if seq is not None and seq.slot is not None and (finished[s] or seq.stopped):
                 # A stop string wins over whatever the device decided later in the same chunk.
                 seq.out.finish_reason = "stop" if seq.stopped else FINISH_REASONS[int(reason[s])]
+                self._grammar_release(seq)
                 touched[id(self.scheduler.finished(s))] = seq
                 done.append(s)
         self._evict(done)  # the next step's work queues behind it on device
@@ -469,6 +574,11 @@ class Engine:
 
     # ------------------------------------------------------------------ user API
     def _make(self, prompt, params) -> Request:
+        if self.speculative is not None and isinstance(params, SamplingParams) and (
+                params.json_schema is not None or params.regex is not None or params.choice):
+            # The verify step does not apply the constraint mask at each proposed position yet.
+            raise InvalidRequestError("structured output (json_schema / regex / choice) is not supported together "
+                                      "with speculative decoding; use an engine without speculative=")
         req = make_request(self._next_id, prompt, params, cfg=self.cfg, vocab_size=self.model.config.vocab_size,
                            tokenizer=self.tokenizer, add_bos=self.add_bos, eos_ids=self.eos_ids, seeds=self._seeds)
         self._next_id += 1
@@ -572,6 +682,7 @@ class Engine:
         kwargs = {**manifest["engine_kwargs"], **overrides, "precompile": False}
         engine = cls(model, tokenizer=tokenizer, **kwargs)
         snapshot.restore_into(engine, snap, manifest)
+        engine._grammar_resync()
         return engine
 
     def output(self, request_id: int) -> RequestOutput | None:

@@ -14,6 +14,7 @@ import typing
 
 import numpy as np
 
+from jaxinfer import structured
 from jaxinfer.errors import InvalidRequestError
 from jaxinfer.sampling import SamplingParams
 from jaxinfer.state import EngineConfig
@@ -81,6 +82,8 @@ class Request:
     out: RequestOutput
     seqs: list[Sequence] = dataclasses.field(default_factory=list)
     consumer: object | None = None  # the engine's stream()/generate() call that receives its deltas
+    # Structured output: the compiled constraint (jaxinfer/structured.py), None when unconstrained.
+    constraint: structured.Automaton | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -101,6 +104,11 @@ class Sequence:
     pending_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
     stopped: bool = False  # a stop string matched: later tokens are dropped, the slot is freed
     sent: int = 0  # characters of out.text already handed out in deltas
+    # Structured output: the constraint-table entry this sample holds while in a slot; with the
+    # host-mask fallback also its automaton state (outlines-core's id) and what was last loaded.
+    grammar_entry: int | None = None
+    host_state: int | None = None
+    host_loaded: tuple | None = None
 
     @property
     def finished(self) -> bool:
@@ -247,8 +255,11 @@ def make_request(rid: int, prompt, params, *, cfg: EngineConfig, vocab_size: int
     if params.seed is None:
         params = dataclasses.replace(params, seed=int(seeds.integers(0, 2**32)))
     params = dataclasses.replace(params, stop_token_ids=stop_ids)
+    constraint = None
+    if params.constraint is not None:
+        constraint = structured.compile_constraint(*params.constraint, tokenizer, vocab_size, eos_ids)
     out = RequestOutput(rid, ids, [])
-    req = Request(rid, ids, params, out)
+    req = Request(rid, ids, params, out, constraint=constraint)
     for i in range(params.n):
         sample = SampleOutput(i, [], "" if tokenizer is not None else None, None,
                               logprobs=[] if params.logprobs is not None else None)

@@ -67,6 +67,13 @@ class SamplingParams:
     # Parallel sampling: n samples of one prompt share its KV pages (copy-on-write of the page
     # they write into). Sample i draws from RNG key (i, seed), so sample 0 equals the n=1 output.
     n: int = 1
+    # Structured output (at most one; jaxinfer/structured.py, needs the engine's tokenizer and the
+    # "structured" extra): the output matches a JSON schema (a dict or its JSON text), fully
+    # matches a regex, or is exactly one of `choice`. Enforced on device inside the decode loop;
+    # EOS is allowed only where the output is complete.
+    json_schema: dict | str | None = None
+    regex: str | None = None
+    choice: Sequence[str] | None = None
 
     def __post_init__(self):
         """Normalise, then validate (a frozen dataclass: values are replaced in place).
@@ -82,7 +89,21 @@ class SamplingParams:
         for field, kind in _FIELD_KINDS.items():
             value = getattr(self, field)
             object.__setattr__(self, field, _normalise(field, value, kind))
+        if isinstance(self.choice, list):
+            object.__setattr__(self, "choice", tuple(self.choice))
         self.validate()
+
+    @property
+    def constraint(self) -> tuple[str, object] | None:
+        """(kind, spec) of the structured-output constraint: ("json", schema), ("regex", pattern),
+        ("choice", strings), or None."""
+        if self.json_schema is not None:
+            return "json", self.json_schema
+        if self.regex is not None:
+            return "regex", self.regex
+        if self.choice is not None:
+            return "choice", self.choice
+        return None
 
     def validate(self, vocab_size: int | None = None, max_logprobs: int | None = None) -> None:
         """Range checks (types are normalised at construction); `vocab_size` and `max_logprobs`
@@ -133,6 +154,17 @@ class SamplingParams:
                 bad(field, v, f"None or an integer in [0, {top}] (the engine's max_logprobs)")
         if not 1 <= self.n <= INT32_MAX:
             bad("n", self.n, "an integer >= 1")
+        given = [f for f in ("json_schema", "regex", "choice") if getattr(self, f) is not None]
+        if len(given) > 1:
+            raise InvalidRequestError(f"SamplingParams: at most one of json_schema, regex, choice may be set, got {given}")
+        if self.json_schema is not None and (isinstance(self.json_schema, bool)
+                                             or not isinstance(self.json_schema, (dict, str))):
+            bad("json_schema", self.json_schema, "a JSON schema: a dict or its JSON text")
+        if self.regex is not None and not (isinstance(self.regex, str) and self.regex):
+            bad("regex", self.regex, "a non-empty string")
+        if self.choice is not None and not (isinstance(self.choice, tuple) and self.choice
+                                            and all(isinstance(c, str) and c for c in self.choice)):
+            bad("choice", self.choice, "a non-empty list of non-empty strings")
 
 
 INT32_MAX = 2**31 - 1

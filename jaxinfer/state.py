@@ -35,8 +35,10 @@ from jaxinfer.allocator import NULL_PAGE, PageAllocator
 from jaxinfer.config import ModelConfig
 
 # finish_reason codes stored in the state (names are the public strings).
-FINISH_NONE, FINISH_STOP, FINISH_LENGTH, FINISH_ABORT = 0, 1, 2, 3
-FINISH_REASONS = {FINISH_NONE: None, FINISH_STOP: "stop", FINISH_LENGTH: "length", FINISH_ABORT: "abort"}
+# "dead_end": a structured-output constraint allowed no token (jaxinfer/grammar.py).
+FINISH_NONE, FINISH_STOP, FINISH_LENGTH, FINISH_ABORT, FINISH_DEAD_END = 0, 1, 2, 3, 4
+FINISH_REASONS = {FINISH_NONE: None, FINISH_STOP: "stop", FINISH_LENGTH: "length", FINISH_ABORT: "abort",
+                  FINISH_DEAD_END: "dead_end"}
 
 
 # EngineState fields with a leading [slots] axis: the slot table (fork copies a slot's row,
@@ -44,7 +46,7 @@ FINISH_REASONS = {FINISH_NONE: None, FINISH_STOP: "stop", FINISH_LENGTH: "length
 SLOT_FIELDS = ("page_table", "active", "finished", "finish_reason", "request_id", "length", "prefill_len",
                "last_token", "num_generated", "max_tokens", "temperature", "top_k", "top_p", "min_p", "rng",
                "stop_ids", "min_tokens", "repetition_penalty", "presence_penalty", "frequency_penalty",
-               "logprobs", "seen", "counts")
+               "logprobs", "seen", "counts", "grammar", "grammar_state")
 
 
 def default_buckets(max_seq_len: int, smallest: int = 32, factor: int = 4) -> tuple[int, ...]:
@@ -91,17 +93,23 @@ class EngineConfig:
     prefix_caching: bool = True
     decode_slot_buckets: tuple[int, ...] = ()
     decode_span_buckets: tuple[int, ...] = ()
+    # Structured output (jaxinfer/grammar.py): the device constraint table has max_slots
+    # entries of grammar_states x grammar_classes (a constraint's automaton padded to them);
+    # a bigger automaton runs with the host-mask fallback (one token per host sync).
+    grammar_states: int = 256
+    grammar_classes: int = 256
 
     def __post_init__(self):
         # Sizes: integers (NumPy integers converted), never bools or floats: TypeError naming the
         # field for the wrong type, ValueError for a wrong value.
         for name in ("max_slots", "page_size", "num_pages", "max_seq_len", "max_stop_ids", "decode_steps",
-                     "max_logprobs", "max_prefill_batch"):
+                     "max_logprobs", "max_prefill_batch", "grammar_states", "grammar_classes"):
             value = getattr(self, name)
             if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"EngineConfig.{name} must be an integer, got {value!r} ({type(value).__name__})")
             object.__setattr__(self, name, int(value))
-        for name in ("max_slots", "page_size", "num_pages", "max_seq_len", "max_stop_ids", "decode_steps"):
+        for name in ("max_slots", "page_size", "num_pages", "max_seq_len", "max_stop_ids", "decode_steps",
+                     "grammar_states", "grammar_classes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"EngineConfig.{name} must be positive, got {getattr(self, name)}")
         if self.max_logprobs < 0:
@@ -233,6 +241,13 @@ class EngineState:
     # Token history for the penalties: filled from the prompt by insert, updated by decode.
     seen: Bool[Array, "slots vocab"]  # token occurs in prompt or output (repetition penalty)
     counts: Int[Array, "slots vocab"]  # occurrences in the output (presence/frequency penalties)
+    # Structured output (jaxinfer/grammar.py): per slot its constraint-table entry (-1 = none)
+    # and automaton state; the table itself (max_slots entries, written by `load_grammar`).
+    grammar: Int[Array, "slots"]
+    grammar_state: Int[Array, "slots"]
+    grammar_class: Int[Array, "grammars vocab"]
+    grammar_next: Int[Array, "grammars grammar_states grammar_classes"]
+    grammar_flags: Int[Array, "grammars grammar_states"]
 
     @property
     def running(self) -> Bool[Array, "slots"]:
@@ -285,6 +300,11 @@ def init_state(cfg: EngineConfig, model_cfg: ModelConfig, dtype=jnp.float32) -> 
         logprobs=i32(-1),
         seen=np.zeros((s, model_cfg.vocab_size), bool),
         counts=i32(0, (s, model_cfg.vocab_size)),
+        grammar=i32(-1),
+        grammar_state=i32(0),
+        grammar_class=i32(0, (s, model_cfg.vocab_size)),
+        grammar_next=i32(-1, (s, cfg.grammar_states, cfg.grammar_classes)),
+        grammar_flags=i32(0, (s, cfg.grammar_states)),
     )
     fields, alloc = jax.device_put((fields, allocator.init_arrays(cfg.num_pages, cfg.page_size)))
     return EngineState(alloc=PageAllocator(**alloc), **fields)

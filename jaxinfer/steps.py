@@ -66,14 +66,18 @@ class Requests:
     num_generated: Int[AnyArray, "batch"]
     # The slot to use (must be free), or -1: the lowest free slot not named by another row.
     slot: Int[AnyArray, "batch"]
+    # Structured output: constraint-table entry (-1 = none) and the automaton state to start in.
+    grammar: Int[AnyArray, "batch"]
+    grammar_state: Int[AnyArray, "batch"]
 
 
 def make_requests(cfg: EngineConfig, prompts, params, request_ids, batch: int, seq: int,
-                  num_generated=None, sample_index=None, slots=None) -> Requests:
+                  num_generated=None, sample_index=None, slots=None, grammars=None) -> Requests:
     """Host side: pack prompts (lists of ints) and SamplingParams into a numpy `Requests` batch
     of shape [batch, seq] (a bucket). Stop ids must already include EOS and fit max_stop_ids.
     `num_generated[i]`: trailing tokens of prompt i that are earlier output (resumption);
-    `sample_index[i]`: which of the request's n samples the row is (selects its RNG stream)."""
+    `sample_index[i]`: which of the request's n samples the row is (selects its RNG stream);
+    `grammars[i]`: (constraint-table entry, automaton state) of row i, or None."""
     tokens = np.zeros((batch, seq), np.int32)
     f32 = lambda v: np.full((batch,), v, np.float32)  # noqa: E731
     i32 = lambda v: np.full((batch,), v, np.int32)  # noqa: E731
@@ -81,7 +85,8 @@ def make_requests(cfg: EngineConfig, prompts, params, request_ids, batch: int, s
              top_k=i32(0), top_p=f32(1), min_p=f32(0), rng=np.zeros((batch, 2), np.uint32),
              stop_ids=np.full((batch, cfg.max_stop_ids), -1, np.int32), min_tokens=i32(0),
              repetition_penalty=f32(1), presence_penalty=f32(0), frequency_penalty=f32(0),
-             logprobs=i32(-1), prompt_logprobs=i32(-1), num_generated=i32(0), slot=i32(-1))
+             logprobs=i32(-1), prompt_logprobs=i32(-1), num_generated=i32(0), slot=i32(-1),
+             grammar=i32(-1), grammar_state=i32(0))
     for row, (prompt, sp, rid) in enumerate(zip(prompts, params, request_ids)):
         tokens[row, : len(prompt)] = prompt
         r["length"][row], r["request_id"][row], r["max_tokens"][row] = len(prompt), rid, sp.max_tokens
@@ -98,6 +103,8 @@ def make_requests(cfg: EngineConfig, prompts, params, request_ids, batch: int, s
             r["num_generated"][row] = num_generated[row]
         if slots is not None:
             r["slot"][row] = slots[row]
+        if grammars is not None and grammars[row] is not None:
+            r["grammar"][row], r["grammar_state"][row] = grammars[row]
     return Requests(**r)
 
 
@@ -190,6 +197,7 @@ def admit(cfg: EngineConfig, state: EngineState, req: Requests) -> tuple[EngineS
         presence_penalty=put(state.presence_penalty, req.presence_penalty),
         frequency_penalty=put(state.frequency_penalty, req.frequency_penalty),
         logprobs=put(state.logprobs, req.logprobs), seen=put(state.seen, seen), counts=put(state.counts, counts),
+        grammar=put(state.grammar, req.grammar), grammar_state=put(state.grammar_state, req.grammar_state),
     )
     return st, AdmitResult(accepted=accepted, slot=slot, cached=hits * ps)
 
@@ -394,6 +402,53 @@ def evict(cfg: EngineConfig, state: EngineState, mask: Bool[Array, "slots"] | No
         presence_penalty=jnp.where(mask, 0.0, state.presence_penalty),
         frequency_penalty=jnp.where(mask, 0.0, state.frequency_penalty),
         logprobs=jnp.where(mask, -1, state.logprobs),
+        grammar=jnp.where(mask, -1, state.grammar),
+    )
+
+
+# ----------------------------------------------------------------------------- structured output
+@flax.struct.dataclass
+class GrammarLoad:
+    """One write into the constraint table (jaxinfer/grammar.py) plus per-slot assignments:
+    entry `entry` (max_slots = write nothing) gets the padded automaton; slot i gets
+    (slot_entry[i], slot_state[i]) where slot_entry[i] >= -1 (-2 = leave the slot alone)."""
+
+    entry: Int[AnyArray, ""]
+    grammar_class: Int[AnyArray, "vocab"]
+    grammar_next: Int[AnyArray, "grammar_states grammar_classes"]
+    grammar_flags: Int[AnyArray, "grammar_states"]
+    slot_entry: Int[AnyArray, "slots"]
+    slot_state: Int[AnyArray, "slots"]
+
+
+def make_grammar_load(cfg: EngineConfig, vocab_size: int, entry: int | None = None, class_of=None, nxt=None,
+                      flags=None, slot_assign: dict[int, tuple[int, int]] | None = None) -> GrammarLoad:
+    """Host side: a NumPy GrammarLoad writing (class_of [<= vocab], next [states, classes], flags
+    [states]) padded to the table's sizes into `entry`, and `slot_assign` {slot: (entry, state)}."""
+    g_class = np.zeros((vocab_size,), np.int32)
+    g_next = np.full((cfg.grammar_states, cfg.grammar_classes), -1, np.int32)
+    g_flags = np.zeros((cfg.grammar_states,), np.int32)
+    if entry is not None:
+        g_class[: len(class_of)] = class_of
+        g_next[: nxt.shape[0], : nxt.shape[1]] = nxt
+        g_flags[: len(flags)] = flags
+    se, ss = np.full((cfg.max_slots,), -2, np.int32), np.zeros((cfg.max_slots,), np.int32)
+    for slot, (e, st) in (slot_assign or {}).items():
+        se[slot], ss[slot] = e, st
+    return GrammarLoad(entry=np.array(cfg.max_slots if entry is None else entry, np.int32), grammar_class=g_class,
+                       grammar_next=g_next, grammar_flags=g_flags, slot_entry=se, slot_state=ss)
+
+
+def load_grammar(cfg: EngineConfig, state: EngineState, g: GrammarLoad) -> EngineState:
+    """Write a constraint into the table and/or (re)assign slots to entries and states. One
+    program for every constraint (the table's sizes are static)."""
+    keep = g.slot_entry == -2
+    return state.replace(
+        grammar_class=state.grammar_class.at[g.entry].set(g.grammar_class, mode="drop"),
+        grammar_next=state.grammar_next.at[g.entry].set(g.grammar_next, mode="drop"),
+        grammar_flags=state.grammar_flags.at[g.entry].set(g.grammar_flags, mode="drop"),
+        grammar=jnp.where(keep, state.grammar, g.slot_entry),
+        grammar_state=jnp.where(keep, state.grammar_state, g.slot_state),
     )
 
 
@@ -416,4 +471,5 @@ insert_jit = jax.jit(insert, static_argnums=0, donate_argnums=2)
 fork_jit = jax.jit(fork, static_argnums=0, donate_argnums=1)
 evict_jit = jax.jit(evict, static_argnums=0, donate_argnums=1)
 permute_slots_jit = jax.jit(permute_slots, static_argnums=0, donate_argnums=1)
+load_grammar_jit = jax.jit(load_grammar, static_argnums=0, donate_argnums=1)
 num_free_pages_jit = jax.jit(num_free_pages)

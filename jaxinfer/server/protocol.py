@@ -4,9 +4,12 @@ Types are strict (a string is not a number, a bool is not an integer) and unknow
 rejected, as OpenAI's server does ("Unrecognized request argument supplied"). Ranges are left to
 `SamplingParams`, whose errors name the field, so there is one range check for the API, the CLI
 and HTTP. OpenAI fields jaxinfer does not implement (`logit_bias`, `suffix`, `best_of` != n,
-`tools`, `response_format`, ...) are accepted only at their "off" value and otherwise rejected
-by name. Extensions beyond OpenAI's schema, as vLLM names them: `top_k`, `min_p`,
-`repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`.
+`tools`, ...) are accepted only at their "off" value and otherwise rejected by name.
+Extensions beyond OpenAI's schema, as vLLM names them: `top_k`, `min_p`,
+`repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`, and `structured_outputs`
+(`json` schema, `regex`, `choice`, `json_object`) on both endpoints. Chat's `response_format`
+maps to the same constraints: `json_object` (any JSON object), `json_schema`
+({"json_schema": {"name", "schema", "strict"}}), `text` (none).
 """
 
 from __future__ import annotations
@@ -27,6 +30,30 @@ class _Strict(BaseModel):
 class StreamOptions(_Strict):
     include_usage: bool = False
     continuous_usage_stats: bool = False
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs` request field (at most one constraint)."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    json_object: bool | None = None
+
+    def params(self) -> dict[str, Any]:
+        given = {k: v for k, v in dict(json=self.json, regex=self.regex, choice=self.choice).items() if v is not None}
+        if self.json_object:
+            given["json_object"] = True
+        if len(given) > 1:
+            raise InvalidRequestError(f"structured_outputs: at most one of json, regex, choice, json_object, "
+                                      f"got {sorted(given)}")
+        if "json_object" in given:
+            return {"json_schema": JSON_OBJECT}
+        return {dict(json="json_schema", regex="regex", choice="choice")[k]: v for k, v in given.items()}
+
+
+# response_format {"type": "json_object"}: any JSON object.
+JSON_OBJECT = {"type": "object"}
 
 
 class _Sampling(_Strict):
@@ -51,10 +78,15 @@ class _Sampling(_Strict):
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     def unsupported(self) -> dict[str, Any]:
         """Fields set to something jaxinfer does not do (each rejected by name)."""
         return {"logit_bias": self.logit_bias} if self.logit_bias else {}
+
+    def constraint(self) -> dict[str, Any]:
+        """The SamplingParams constraint field the request asks for ({} for none)."""
+        return self.structured_outputs.params() if self.structured_outputs is not None else {}
 
     def sampling(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
         for name, value in self.unsupported().items():
@@ -66,7 +98,8 @@ class _Sampling(_Strict):
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return SamplingParams(max_tokens=max_tokens, n=self.n, seed=self.seed, stop=tuple(stop),
                               stop_token_ids=tuple(self.stop_token_ids or ()), min_tokens=self.min_tokens,
-                              ignore_eos=self.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs, **opt)
+                              ignore_eos=self.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                              **self.constraint(), **opt)
 
 
 Prompt = Union[str, list[str], list[int], list[list[int]]]
@@ -130,13 +163,31 @@ class ChatCompletionRequest(_Sampling):
 
     def unsupported(self) -> dict[str, Any]:
         out = super().unsupported()
-        for name in ("tools", "response_format"):
-            value = getattr(self, name)
-            if value and not (name == "response_format" and value.get("type") == "text"):
-                out[name] = value
+        if self.tools:
+            out["tools"] = self.tools
         if self.tool_choice not in (None, "none"):
             out["tool_choice"] = self.tool_choice
         return out
+
+    def constraint(self) -> dict[str, Any]:
+        """`structured_outputs`, or `response_format` mapped onto the same constraint."""
+        out = super().constraint()
+        rf = self.response_format
+        if not rf or rf.get("type") == "text":
+            return out
+        if out:
+            raise InvalidRequestError("response_format and structured_outputs cannot both set a constraint")
+        kind = rf.get("type")
+        if kind == "json_object":
+            return {"json_schema": JSON_OBJECT}
+        if kind == "json_schema":
+            spec = rf.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, (dict, str)):
+                raise InvalidRequestError("response_format = json_schema needs json_schema.schema (a JSON schema object)")
+            return {"json_schema": schema}
+        raise InvalidRequestError(f"response_format type {kind!r} is not supported: expected text, json_object or "
+                                  "json_schema")
 
     def logprob_k(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:

@@ -13,6 +13,15 @@
 The KV pool is always passed whole, `[layers, pages, page_size, kv_heads, head_dim]`, with the
 layer index: slicing one layer out of it (or out of anything big) makes XLA copy it first.
 
+Quantized KV (EngineConfig.kv_dtype "int8" / "fp8_e4m3"; formats in pallas_kernels/kv_quant.py):
+the pool holds int8 / float8_e4m3fn pages and `k_scales` / `v_scales` next to them (int8:
+`[layers, pages, kv_heads, page_size]` bf16, one per token and KV head; fp8: `[layers,
+kv_heads]` float32). `write_kv` quantizes as it writes and returns the value every reader will
+dequantize, which the writer's own attention (fresh prefill, decode views) then uses, so a
+position reads the same whether it was just written, cached, or gathered into a view. Every
+reader here dequantizes in jnp; the paged kernel dequantizes after its copy. Float pools take
+no scales (`k_scales` etc. are then ignored) and run exactly the code they always did.
+
 Per-layer settings (`LayerAttention`: sliding window, logit soft-cap, score scale) come from
 the model's layer (jaxinfer/model.py). The window is a Python int or None in the unstacked
 Python layer loop, and a traced int32 scalar inside the layer `lax.scan` when layers differ
@@ -35,9 +44,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Int, Shaped
 
-from pallas_kernels import NO_WINDOW, is_sm90, masked_softmax, soft_cap
+from pallas_kernels import NO_WINDOW, is_sm90, kv_quant, masked_softmax, soft_cap
 from pallas_kernels import flash_attention as fa
 from pallas_kernels import paged_attention as pa
 
@@ -46,7 +55,39 @@ KERNEL_HEAD_DIMS = (64, 128)
 Window = int | Int[Array, ""] | None  # a static window, a traced one (NO_WINDOW: none), or none
 
 __all__ = ["BACKENDS", "NO_WINDOW", "LayerAttention", "chunk_attention", "chunk_attention_reference",
-           "decode_attention", "decode_view", "prefill_attention", "uses_views", "view_attention", "view_write"]
+           "decode_attention", "decode_view", "prefill_attention", "uses_views", "view_attention", "view_write",
+           "write_kv"]
+
+KVPool = Shaped[Array, "layers pages page_size kv_heads head_dim"]  # float, int8 or float8_e4m3fn
+KVScales = Float[Array, "..."]  # int8: [layers, pages, kv_heads, page_size]; fp8: [layers, kv_heads]; float: unused
+
+
+def _layer_scales(pool, scales, layer):
+    """The scales of `layer` of a quantized pool (None for a float pool)."""
+    return scales[layer] if kv_quant.is_quantized(pool.dtype) else None
+
+
+def _gather_pages(pool, scales, layer, table):
+    """float32 `pool[layer, table]` ([*table, page_size, kv_heads, head_dim]), dequantized; the
+    layer index folded into the gather (no copy of the layer's pool)."""
+    x = pool[layer, table]
+    if jnp.dtype(pool.dtype) == kv_quant.INT8:
+        return kv_quant.dequantize(x, scales[layer, table])
+    return kv_quant.dequantize(x, _layer_scales(pool, scales, layer))
+
+
+def write_kv(pool: KVPool, scales: KVScales, layer, page, off, x: Float[Array, "*b kv_heads head_dim"]):
+    """Write K or V `x` at (layer, page[...], off[...]), quantizing into 8-bit pools. Returns
+    (pool, scales, x_read): x_read is what readers will see at those positions (x itself for
+    float pools, the dequantized value for 8-bit ones)."""
+    if not kv_quant.is_quantized(pool.dtype):
+        return pool.at[layer, page, off].set(x.astype(pool.dtype)), scales, x
+    per_head = scales[layer] if jnp.dtype(pool.dtype) == kv_quant.FP8 else None  # fp8: [kv_heads]
+    q, sc, x_read = kv_quant.quantize(x, pool.dtype, per_head)
+    pool = pool.at[layer, page, off].set(q)
+    if sc is not None:  # int8: the per-token scales, [layers, pages, kv_heads, page_size]
+        scales = scales.at[layer, page, :, off].set(sc)
+    return pool, scales, x_read.astype(x.dtype)
 
 
 class LayerAttention(NamedTuple):
@@ -131,8 +172,8 @@ def prefill_attention(
 
 def decode_attention(
     q: Float[Array, "slots q_heads head_dim"],
-    k_pool: Float[Array, "layers pages page_size kv_heads head_dim"],
-    v_pool: Float[Array, "layers pages page_size kv_heads head_dim"],
+    k_pool: KVPool,
+    v_pool: KVPool,
     layer: Int[Array, ""] | int,
     page_table: Int[Array, "slots pages_per_seq"],
     lengths: Int[Array, "slots"],
@@ -141,26 +182,33 @@ def decode_attention(
     softcap: float | None = None,
     scale: float | None = None,
     backend: str = "auto",
+    k_scales: KVScales | None = None,
+    v_scales: KVScales | None = None,
 ) -> Float[Array, "slots q_heads head_dim"]:
     """One query per slot against that slot's pages of `layer`; `lengths` counts the query's own
-    token. Every table entry is read: pass page_table[:, :P] to bound the work by P pages."""
+    token. Every table entry is read: pass page_table[:, :P] to bound the work by P pages.
+    8-bit pools need their `k_scales` / `v_scales` (the whole arrays, like the pools)."""
     hd, d = q.shape[-1], _kernel_head_dim(q.shape[-1])
     scale = hd**-0.5 if scale is None else scale
     spec = jax.ShapeDtypeStruct(k_pool.shape[1:-1] + (d,), k_pool.dtype)
+    ks, vs = _layer_scales(k_pool, k_scales, layer), _layer_scales(v_pool, v_scales, layer)
+    kq = dict(k_scales=ks, v_scales=vs)
 
     def check():
+        sspec = None if ks is None else jax.ShapeDtypeStruct(ks.shape, ks.dtype)
         pa.check_paged_attention_kernel_inputs(_spec(q, d), spec, spec, page_table, lengths,
-                                               sliding_window=sliding_window, softcap=softcap)
+                                               sliding_window=sliding_window, softcap=softcap,
+                                               k_scales=sspec, v_scales=sspec)
 
     if _use_kernel(backend, check):
         out = pa.paged_attention(_pad(q, d), _pad(k_pool[layer], d), _pad(v_pool[layer], d), page_table, lengths,
                                  sliding_window=sliding_window, softcap=softcap, scale=scale,
-                                 interpret=backend == "interpret")
+                                 interpret=backend == "interpret", **kq)
         return out[..., :hd]
     if backend == "reference":
         return pa.paged_attention_reference(q, k_pool[layer], v_pool[layer], page_table, lengths,
-                                            sliding_window=sliding_window, softcap=softcap, scale=scale)
-    return view_attention(q, _gather_view(k_pool, v_pool, layer, page_table, lengths), lengths,
+                                            sliding_window=sliding_window, softcap=softcap, scale=scale, **kq)
+    return view_attention(q, _gather_view(k_pool, v_pool, layer, page_table, lengths, k_scales, v_scales), lengths,
                           sliding_window=sliding_window, softcap=softcap, scale=scale)
 
 
@@ -182,16 +230,16 @@ def _folded(kv_heads: int, head_dim: int) -> bool:
     return kv_heads * head_dim <= FOLD_MAX_WIDTH
 
 
-def _gather_view(k_pool, v_pool, layer, page_table, lengths) -> DecodeView:
+def _gather_view(k_pool, v_pool, layer, page_table, lengths, k_scales=None, v_scales=None) -> DecodeView:
     """K and V of `layer` for every position of the table's pages, float32, zero at positions >=
     lengths (so later steps never meet garbage, NaN included, and need no V mask); in the
     layout `_folded` picks (see above)."""
     s, p = page_table.shape
     _, _, ps, kvh, d = k_pool.shape
     valid = (jnp.arange(p * ps) < lengths[:, None]).reshape(s, p, ps, 1, 1)
-    # One gather each, the layer index folded in (no copy of the layer's pool).
-    k = jnp.where(valid, k_pool[layer, page_table].astype(jnp.float32), 0.0)  # [s, p, ps, kvh, d]
-    v = jnp.where(valid, v_pool[layer, page_table].astype(jnp.float32), 0.0)
+    # One gather each, the layer index folded in (no copy of the layer's pool); dequantized.
+    k = jnp.where(valid, _gather_pages(k_pool, k_scales, layer, page_table), 0.0)  # [s, p, ps, kvh, d]
+    v = jnp.where(valid, _gather_pages(v_pool, v_scales, layer, page_table), 0.0)
     if _folded(kvh, d):
         return k.reshape(s, p * ps, kvh * d), v.reshape(s, p * ps, kvh * d)
     # Whole head_dim rows move (a K^T layout would make this a strided element-wise transpose,
@@ -200,16 +248,18 @@ def _gather_view(k_pool, v_pool, layer, page_table, lengths) -> DecodeView:
 
 
 def decode_view(
-    k_pool: Float[Array, "layers pages page_size kv_heads head_dim"],
-    v_pool: Float[Array, "layers pages page_size kv_heads head_dim"],
+    k_pool: KVPool,
+    v_pool: KVPool,
     page_table: Int[Array, "slots pages_per_seq"],
     lengths: Int[Array, "slots"],
     span: int,
+    k_scales: KVScales | None = None,
+    v_scales: KVScales | None = None,
 ) -> tuple[DecodeView, ...]:
     """Per layer, the dense K / V view of each slot's first `span` positions (a multiple of the
-    page size; positions >= lengths are zero); see the module docstring."""
+    page size; positions >= lengths are zero; 8-bit pools dequantized); see the module docstring."""
     pages = page_table[:, : span // k_pool.shape[2]]
-    return tuple(_gather_view(k_pool, v_pool, i, pages, lengths) for i in range(k_pool.shape[0]))
+    return tuple(_gather_view(k_pool, v_pool, i, pages, lengths, k_scales, v_scales) for i in range(k_pool.shape[0]))
 
 
 def view_write(view: DecodeView, k: Float[Array, "slots kv_heads head_dim"], v: Float[Array, "slots kv_heads head_dim"],
@@ -264,8 +314,8 @@ def view_attention(q: Float[Array, "slots q_heads head_dim"], view: DecodeView, 
 
 def chunk_attention_reference(
     q: Float[Array, "batch seq q_heads head_dim"],
-    k_pool: Float[Array, "layers pages page_size kv_heads head_dim"],
-    v_pool: Float[Array, "layers pages page_size kv_heads head_dim"],
+    k_pool: KVPool,
+    v_pool: KVPool,
     layer: Int[Array, ""] | int,
     page_table: Int[Array, "batch pages_per_seq"],
     start: Int[Array, "batch"],
@@ -273,6 +323,8 @@ def chunk_attention_reference(
     sliding_window: Window = None,
     softcap: float | None = None,
     scale: float | None = None,
+    k_scales: KVScales | None = None,
+    v_scales: KVScales | None = None,
 ) -> Float[Array, "batch seq q_heads head_dim"]:
     """A prefill chunk against the paged pool: query i of row b sits at position start[b] + i and
     attends causally to every position <= its own in the row's pages (the cached prefix plus
@@ -286,8 +338,12 @@ def chunk_attention_reference(
     b, t, hq, d = q.shape
     kvh = k_pool.shape[3]
     g = hq // kvh
-    k = k_pool[layer, page_table].reshape(b, -1, kvh, d)  # [b, S, kvh, d]; the layer folded into the gather
-    v = v_pool[layer, page_table].reshape(b, -1, kvh, d)
+    if kv_quant.is_quantized(k_pool.dtype):  # dequantized to float32 (the float path below is unchanged)
+        k = _gather_pages(k_pool, k_scales, layer, page_table).reshape(b, -1, kvh, d)
+        v = _gather_pages(v_pool, v_scales, layer, page_table).reshape(b, -1, kvh, d)
+    else:
+        k = k_pool[layer, page_table].reshape(b, -1, kvh, d)  # [b, S, kvh, d]; the layer folded into the gather
+        v = v_pool[layer, page_table].reshape(b, -1, kvh, d)
     qpos = start[:, None] + jnp.arange(t)[None, :]  # [b, t]
     kpos = jnp.arange(k.shape[1])
     allowed = kpos[None, None, :] <= qpos[:, :, None]  # [b, t, S]
@@ -308,8 +364,8 @@ def chunk_attention(
     q: Float[Array, "batch seq q_heads head_dim"],
     k: Float[Array, "batch seq kv_heads head_dim"],
     v: Float[Array, "batch seq kv_heads head_dim"],
-    k_pool: Float[Array, "layers pages page_size kv_heads head_dim"],
-    v_pool: Float[Array, "layers pages page_size kv_heads head_dim"],
+    k_pool: KVPool,
+    v_pool: KVPool,
     layer: Int[Array, ""] | int,
     page_table: Int[Array, "batch pages_per_seq"],
     start: Int[Array, "batch"],
@@ -319,9 +375,12 @@ def chunk_attention(
     softcap: float | None = None,
     scale: float | None = None,
     backend: str = "auto",
+    k_scales: KVScales | None = None,
+    v_scales: KVScales | None = None,
 ) -> Float[Array, "batch seq q_heads head_dim"]:
     """Attention for a prefill chunk at positions [start, start + n) of each row, whose K/V are
-    `k`, `v` (already written to the pages too). When every row starts at 0 (no cached prefix,
+    `k`, `v` (already written to the pages too; for 8-bit pools, the dequantized values
+    `write_kv` returned). When every row starts at 0 (no cached prefix,
     first chunk) this is plain causal prefill over the chunk and runs `prefill_attention` (the
     flash kernel where it applies); otherwise the paged reference above."""
     opts = dict(sliding_window=sliding_window, softcap=softcap, scale=scale)
@@ -330,6 +389,7 @@ def chunk_attention(
         return prefill_attention(q, k, v, lengths=n, backend=backend, **opts)
 
     def paged(_):
-        return chunk_attention_reference(q, k_pool, v_pool, layer, page_table, start, **opts)
+        quant = dict(k_scales=k_scales, v_scales=v_scales) if kv_quant.is_quantized(k_pool.dtype) else {}
+        return chunk_attention_reference(q, k_pool, v_pool, layer, page_table, start, **opts, **quant)
 
     return jax.lax.cond(jnp.all(start == 0), fresh, paged, None)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxinfer import allocator, grammar
-from jaxinfer.attention import decode_attention, decode_view, uses_views, view_attention, view_write
+from jaxinfer.attention import decode_attention, decode_view, uses_views, view_attention, view_write, write_kv
 from jaxinfer.dims import AnyArray
 from jaxinfer.model import Model, decoder, lm_head
 from jaxinfer.sampling import process_logits, sample, token_logprobs
@@ -77,26 +77,28 @@ def _forward(cfg: EngineConfig, model: Model, state: EngineState, running, views
     read_table = page_table[:, : span // ps]
 
     def attend(i, q, k, v, cache, spec):  # spec: the layer's window / soft-cap / scale
-        kp, vp, views = cache
-        kp = kp.at[i, write_page[:, None], write_off[:, None]].set(k.astype(kp.dtype))
-        vp = vp.at[i, write_page[:, None], write_off[:, None]].set(v.astype(vp.dtype))
+        kp, vp, ks, vs, views = cache
+        # 8-bit pools: quantized as written; k, v become what reads of the pages will see.
+        kp, ks, k = write_kv(kp, ks, i, write_page[:, None], write_off[:, None], k)
+        vp, vs, v = write_kv(vp, vs, i, write_page[:, None], write_off[:, None], v)
         if views is None:
             o = decode_attention(q[:, 0], kp, vp, i, read_table, attn_len, backend=cfg.attention_backend,
-                                 **spec.kwargs())
+                                 k_scales=ks, v_scales=vs, **spec.kwargs())
         else:  # unstacked layers: i is a Python int, so views[i] is a buffer of its own
             view = view_write(views[i], k[:, 0], v[:, 0], view_pos)
             o = view_attention(q[:, 0], view, attn_len, **spec.kwargs())
             views = views[:i] + (view,) + views[i + 1:]
-        return o[:, None], (kp, vp, views)
+        return o[:, None], (kp, vp, ks, vs, views)
 
-    h, (k_pages, v_pages, views) = decoder(model, state.last_token[:, None], pos[:, None], attend,
-                                           (state.k_pages, state.v_pages, views))
+    h, (k_pages, v_pages, k_scales, v_scales, views) = decoder(
+        model, state.last_token[:, None], pos[:, None], attend,
+        (state.k_pages, state.v_pages, state.k_scales, state.v_scales, views))
     a = allocator.write_tokens(a, write_page, write_off, state.last_token)
     if cfg.prefix_caching:
         parent = jnp.where(page_idx > 0, page_table[rows, jnp.maximum(page_idx - 1, 0)], NULL_PAGE)
         a = allocator.register(a, write_page, parent, running & (write_off == ps - 1))
     st = state.replace(
-        k_pages=k_pages, v_pages=v_pages, alloc=a, page_table=page_table,
+        k_pages=k_pages, v_pages=v_pages, k_scales=k_scales, v_scales=v_scales, alloc=a, page_table=page_table,
         length=jnp.where(running, pos + 1, pos),
         finished=state.finished | starved,
         finish_reason=jnp.where(starved, FINISH_ABORT, state.finish_reason),
@@ -198,7 +200,7 @@ def decode_steps(cfg: EngineConfig, model: Model, state: EngineState, num_steps:
     sub = take_slots(state, b)
     views = None
     if uses_views(cfg.attention_backend) and isinstance(model.params["layers"], tuple):
-        views = decode_view(sub.k_pages, sub.v_pages, sub.page_table, sub.length, t)
+        views = decode_view(sub.k_pages, sub.v_pages, sub.page_table, sub.length, t, sub.k_scales, sub.v_scales)
     k = cfg.max_logprobs
     outs = DecodeResult(
         token=jnp.zeros((num_steps, b), jnp.int32), emitted=jnp.zeros((num_steps, b), bool),

@@ -41,7 +41,9 @@ from jaxinfer.model import Model
 from jaxinfer.request import Request, RequestOutput, Sequence, StreamDelta, make_request
 from jaxinfer.sampling import SamplingParams, sample_key
 from jaxinfer.scheduler import Scheduler
-from jaxinfer.state import FINISH_REASONS, EngineConfig, init_state
+from jaxinfer.state import (
+    FINISH_REASONS, KV_DTYPES, EngineConfig, init_state, kv_bytes_per_token, kv_pool_dtype, pages_for_memory,
+)
 from jaxinfer.steps import (
     SpeculativeConfig, admit, decode_steps, draft_prefill, evict, fork, init_draft_state, load_grammar, make_chunk,
     make_grammar_load, make_requests, num_free_pages, permute_slots, prefill, spec_decode_steps,
@@ -107,11 +109,20 @@ class Engine:
         draft_model: Model | None = None,
         grammar_states: int = 256,
         grammar_classes: int = 256,
+        kv_dtype: str = "auto",
+        kv_memory_gb: float | None = None,
     ):
         if isinstance(speculative, dict):  # from a snapshot's saved arguments
             speculative = SpeculativeConfig(**speculative)
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
+        # The pool's element type: "auto" keeps float32 on the XLA path (see init_state below).
+        pool_dtype = kv_pool_dtype(kv_dtype, jnp.float32 if uses_views(attention_backend) else model.dtype) \
+            if isinstance(model, Model) else None
+        if kv_memory_gb is not None and pool_dtype is not None:  # a memory budget sizes the pool
+            num_pages = pages_for_memory(kv_memory_gb, model.config, page_size, pool_dtype)
         # Everything but the models and tokenizer: what a snapshot needs to rebuild this engine.
-        self._init_kwargs = dict(
+        self._init_kwargs = dict(kv_dtype=kv_dtype,
             max_slots=max_slots, page_size=page_size, num_pages=num_pages, max_seq_len=max_seq_len,
             prefill_buckets=list(prefill_buckets), max_prefill_batch=max_prefill_batch, decode_steps=decode_steps,
             max_stop_ids=max_stop_ids, attention_backend=attention_backend, max_logprobs=max_logprobs, mode=mode,
@@ -159,7 +170,7 @@ class Engine:
             max_slots=max_slots, page_size=page_size, num_pages=num_pages, max_seq_len=max_seq_len,
             prefill_buckets=tuple(prefill_buckets), max_prefill_batch=max_prefill_batch,
             max_stop_ids=max_stop_ids, decode_steps=decode_steps, attention_backend=attention_backend,
-            max_logprobs=max_logprobs, prefix_caching=prefix_caching,
+            max_logprobs=max_logprobs, prefix_caching=prefix_caching, kv_dtype=kv_dtype,
             # Fixed decode shapes: a row's arithmetic must not depend on how many rows run.
             decode_slot_buckets=(max_slots,) if batch_invariant else (),
             decode_span_buckets=(-(-max_seq_len // page_size) * page_size,) if batch_invariant else (),
@@ -803,6 +814,12 @@ class Engine:
             if c["spec_rounds"] else 0.0,
             "running": sum(s is not None for s in self.scheduler.slots),
             "waiting": len(self.scheduler.waiting),
+            # The KV pool: its element type, bytes per token (K and V of every layer, with
+            # int8's per-token scales) and in all (pages, null page included, and scales).
+            "kv_dtype": str(self.state.k_pages.dtype),
+            "kv_bytes_per_token": kv_bytes_per_token(self.model.config, self.state.k_pages.dtype),
+            "kv_pool_bytes": int(sum(x.nbytes for x in (self.state.k_pages, self.state.v_pages,
+                                                        self.state.k_scales, self.state.v_scales))),
         }
 
 

@@ -47,7 +47,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxinfer import allocator
-from jaxinfer.attention import chunk_attention, decode_attention
+from jaxinfer.attention import chunk_attention, decode_attention, write_kv
 from jaxinfer.decode import DecodeResult, put_slots, take_slots
 from jaxinfer.dims import AnyArray
 from jaxinfer.model import Model, decoder, lm_head
@@ -239,14 +239,16 @@ def _round(cfg: EngineConfig, spec: SpeculativeConfig, model: Model, st: EngineS
     n_valid = jnp.where(running, n_prop + 1, 0)
 
     def attend(i, q, kk, vv, kv, layer_spec):  # layer_spec: the layer's window / soft-cap / scale
-        kp, vp = kv
-        kp = kp.at[i, write_page, write_off].set(kk.astype(kp.dtype))
-        vp = vp.at[i, write_page, write_off].set(vv.astype(vp.dtype))
+        kp, vp, ks, vs = kv
+        # 8-bit pools: quantized as written; kk, vv become what reads of the pages will see.
+        kp, ks, kk = write_kv(kp, ks, i, write_page, write_off, kk)
+        vp, vs, vv = write_kv(vp, vs, i, write_page, write_off, vv)
         o = chunk_attention(q, kk, vv, kp, vp, i, page_table, jnp.where(running, L, 0), n_valid,
-                            backend=cfg.attention_backend, **layer_spec.kwargs())
-        return o, (kp, vp)
+                            backend=cfg.attention_backend, k_scales=ks, v_scales=vs, **layer_spec.kwargs())
+        return o, (kp, vp, ks, vs)
 
-    h, (k_pages, v_pages) = decoder(model, tokens, pos, attend, (st.k_pages, st.v_pages))
+    h, (k_pages, v_pages, k_scales, v_scales) = decoder(
+        model, tokens, pos, attend, (st.k_pages, st.v_pages, st.k_scales, st.v_scales))
     logits = lm_head(model, h)  # [s, k+1, vocab] float32
     a = allocator.write_tokens(a, write_page, write_off, tokens)
 
@@ -303,7 +305,8 @@ def _round(cfg: EngineConfig, spec: SpeculativeConfig, model: Model, st: EngineS
     last = jnp.take_along_axis(tok, jnp.clip(m - 1, 0, k)[:, None], axis=1)[:, 0]
     if cfg.prefix_caching:
         a = allocator.register_full_pages(a, page_table, new_len, running)
-    st = st.replace(k_pages=k_pages, v_pages=v_pages, alloc=a, page_table=page_table, length=new_len,
+    st = st.replace(k_pages=k_pages, v_pages=v_pages, k_scales=k_scales, v_scales=v_scales, alloc=a,
+                    page_table=page_table, length=new_len,
                     last_token=jnp.where(running, last, st.last_token), num_generated=g + m,
                     seen=seen, counts=counts, finished=finished, finish_reason=reason)
     lp = token_logprobs(logits, tok, cfg.max_logprobs, jnp.any(running & (st.logprobs >= 0)))

@@ -28,7 +28,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int, UInt32
+from jaxtyping import Array, Bool, Float, Int, Shaped, UInt32
 
 from jaxinfer import allocator
 from jaxinfer.allocator import NULL_PAGE, PageAllocator
@@ -39,6 +39,39 @@ from jaxinfer.config import ModelConfig
 FINISH_NONE, FINISH_STOP, FINISH_LENGTH, FINISH_ABORT, FINISH_DEAD_END = 0, 1, 2, 3, 4
 FINISH_REASONS = {FINISH_NONE: None, FINISH_STOP: "stop", FINISH_LENGTH: "length", FINISH_ABORT: "abort",
                   FINISH_DEAD_END: "dead_end"}
+
+
+# KV pool element types (EngineConfig.kv_dtype). "auto": float32 on the CPU ("xla") attention
+# path, the model's compute dtype elsewhere (the pool of every release before 8-bit KV).
+KV_DTYPES = ("auto", "bfloat16", "float32", "int8", "fp8_e4m3")
+_KV_JNP = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "int8": jnp.int8, "fp8_e4m3": jnp.float8_e4m3fn}
+INT8_SCALE_DTYPE = jnp.bfloat16  # one per (page, token, KV head): see pallas_kernels/kv_quant.py
+
+
+def kv_pool_dtype(kv_dtype: str, auto_dtype) -> jnp.dtype:
+    """The pool's element type for EngineConfig.kv_dtype ("auto": `auto_dtype`)."""
+    return jnp.dtype(auto_dtype if kv_dtype == "auto" else _KV_JNP[kv_dtype])
+
+
+def kv_bytes_per_token(model_cfg: ModelConfig, pool_dtype) -> int:
+    """Bytes of KV one token occupies in the pool: K and V for every layer and KV head, plus
+    int8's per-(token, head) scale (fp8's per-(layer, head) scales are per pool, not per token)."""
+    pool_dtype = jnp.dtype(pool_dtype)
+    per_head = model_cfg.head_dim * pool_dtype.itemsize
+    if pool_dtype == jnp.dtype(jnp.int8):
+        per_head += jnp.dtype(INT8_SCALE_DTYPE).itemsize
+    return 2 * model_cfg.num_layers * model_cfg.num_kv_heads * per_head
+
+
+def pages_for_memory(gb: float, model_cfg: ModelConfig, page_size: int, pool_dtype) -> int:
+    """num_pages (null page included) whose K/V (and scales) fit in `gb` GiB (2^30 bytes)."""
+    if isinstance(gb, bool) or not isinstance(gb, numbers.Real) or not gb > 0:
+        raise ValueError(f"kv_memory_gb must be a positive number, got {gb!r}")
+    pages = int(gb * 2**30) // (page_size * kv_bytes_per_token(model_cfg, pool_dtype))
+    if pages < 2:
+        raise ValueError(f"kv_memory_gb={gb} holds {pages} pages of {page_size} tokens; at least 2 are needed "
+                         "(page 0 is the null page)")
+    return pages
 
 
 # EngineState fields with a leading [slots] axis: the slot table (fork copies a slot's row,
@@ -98,6 +131,9 @@ class EngineConfig:
     # a bigger automaton runs with the host-mask fallback (one token per host sync).
     grammar_states: int = 256
     grammar_classes: int = 256
+    # The KV pool's element type (KV_DTYPES): "int8" / "fp8_e4m3" store 8-bit K/V with scales
+    # (EngineState.k_scales / v_scales) and are dequantized by every attention read.
+    kv_dtype: str = "auto"
 
     def __post_init__(self):
         # Sizes: integers (NumPy integers converted), never bools or floats: TypeError naming the
@@ -120,6 +156,8 @@ class EngineConfig:
                     isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)) for v in value):
                 raise TypeError(f"EngineConfig.{name} must be a sequence of integers, got {value!r}")
             object.__setattr__(self, name, tuple(int(v) for v in value))
+        if self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"EngineConfig.kv_dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
         if not isinstance(self.prefix_caching, (bool, np.bool_)):
             raise TypeError(f"EngineConfig.prefix_caching must be a bool, got {self.prefix_caching!r}")
         if self.num_pages < 2:
@@ -208,9 +246,14 @@ class EngineConfig:
 class EngineState:
     """Everything that changes while serving, as arrays. See the module docstring for pages."""
 
-    # KV pool: K and V pages for every layer.
-    k_pages: Float[Array, "layers pages page_size kv_heads head_dim"]
-    v_pages: Float[Array, "layers pages page_size kv_heads head_dim"]
+    # KV pool: K and V pages for every layer (float, or int8 / float8_e4m3fn with scales).
+    k_pages: Shaped[Array, "layers pages page_size kv_heads head_dim"]
+    v_pages: Shaped[Array, "layers pages page_size kv_heads head_dim"]
+    # Their scales (pallas_kernels/kv_quant.py): int8 [layers, pages, kv_heads, page_size] bf16,
+    # one per token and KV head, written with the token; fp8 [layers, kv_heads] float32 (1.0,
+    # vLLM's default per-tensor scale); float pools: a [1] placeholder nothing reads.
+    k_scales: Float[Array, "..."]
+    v_scales: Float[Array, "..."]
     # Page allocator: reference counts, prefix cache, LRU (see jaxinfer.allocator).
     alloc: PageAllocator
     # Slot -> pages. Entry p holds tokens [p*page_size, (p+1)*page_size); unused entries are 0.
@@ -264,7 +307,8 @@ class EngineState:
 
 
 def init_state(cfg: EngineConfig, model_cfg: ModelConfig, dtype=jnp.float32) -> EngineState:
-    """An empty state: every slot free, every page but the null page free.
+    """An empty state: every slot free, every page but the null page free. The pool holds
+    `cfg.kv_dtype` (its "auto": `dtype`).
 
     Built in NumPy and moved to the device in one `device_put` (every field its own buffer: the
     jitted steps donate the state, and XLA refuses to donate one buffer twice); building it with
@@ -274,9 +318,19 @@ def init_state(cfg: EngineConfig, model_cfg: ModelConfig, dtype=jnp.float32) -> 
                   model_cfg.head_dim)
     i32 = lambda v, shape=(s,): np.full(shape, v, np.int32)  # noqa: E731
     f32 = lambda v: np.full((s,), v, np.float32)  # noqa: E731
+    pool_dtype = kv_pool_dtype(cfg.kv_dtype, dtype)
+    if pool_dtype == jnp.dtype(jnp.int8):
+        scales = lambda: np.zeros((model_cfg.num_layers, cfg.num_pages, model_cfg.num_kv_heads, cfg.page_size),  # noqa: E731
+                                  jnp.dtype(INT8_SCALE_DTYPE))
+    elif pool_dtype == jnp.dtype(jnp.float8_e4m3fn):
+        scales = lambda: np.ones((model_cfg.num_layers, model_cfg.num_kv_heads), np.float32)  # noqa: E731
+    else:
+        scales = lambda: np.zeros((1,), np.float32)  # noqa: E731
     fields = dict(
-        k_pages=np.zeros(pool_shape, jnp.dtype(dtype)),
-        v_pages=np.zeros(pool_shape, jnp.dtype(dtype)),
+        k_pages=np.zeros(pool_shape, pool_dtype),
+        v_pages=np.zeros(pool_shape, pool_dtype),
+        k_scales=scales(),
+        v_scales=scales(),
         page_table=i32(NULL_PAGE, (s, cfg.pages_per_seq)),
         active=np.zeros((s,), bool),
         finished=np.zeros((s,), bool),

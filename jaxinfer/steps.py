@@ -27,7 +27,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int, UInt32
 
 from jaxinfer import allocator
-from jaxinfer.attention import chunk_attention
+from jaxinfer.attention import chunk_attention, write_kv
 from jaxinfer.decode import (  # noqa: F401  re-exported: the steps are one API
     DecodeResult, decode, decode_forward, decode_forward_jit, decode_jit, decode_steps, decode_steps_jit,
 )
@@ -260,18 +260,21 @@ def prefill(cfg: EngineConfig, model: Model, state: EngineState, chunk: Chunk) -
     write_off = pos % ps
 
     def attend(i, q, k, v, kv, spec):  # spec: the layer's window / soft-cap / scale
-        kp, vp = kv
-        kp = kp.at[i, write_page, write_off].set(k.astype(kp.dtype))
-        vp = vp.at[i, write_page, write_off].set(v.astype(vp.dtype))
-        o = chunk_attention(q, k, v, kp, vp, i, table, start, n, backend=cfg.attention_backend, **spec.kwargs())
-        return o, (kp, vp)
+        kp, vp, ks, vs = kv
+        # 8-bit pools: quantized as written; k, v become what reads of the pages will see.
+        kp, ks, k = write_kv(kp, ks, i, write_page, write_off, k)
+        vp, vs, v = write_kv(vp, vs, i, write_page, write_off, v)
+        o = chunk_attention(q, k, v, kp, vp, i, table, start, n, backend=cfg.attention_backend,
+                            k_scales=ks, v_scales=vs, **spec.kwargs())
+        return o, (kp, vp, ks, vs)
 
-    h, (k_pages, v_pages) = decoder(model, chunk.tokens, pos, attend, (state.k_pages, state.v_pages))
+    h, (k_pages, v_pages, k_scales, v_scales) = decoder(
+        model, chunk.tokens, pos, attend, (state.k_pages, state.v_pages, state.k_scales, state.v_scales))
     a = allocator.write_tokens(state.alloc, write_page, write_off, chunk.tokens)
     if cfg.prefix_caching:
         a = allocator.register_full_pages(a, table, start + n, valid)
     tgt = jnp.where(valid, chunk.slot, s)
-    st = state.replace(k_pages=k_pages, v_pages=v_pages, alloc=a,
+    st = state.replace(k_pages=k_pages, v_pages=v_pages, k_scales=k_scales, v_scales=v_scales, alloc=a,
                        length=state.length.at[tgt].set(start + n, mode="drop"))
 
     k = cfg.max_logprobs
@@ -364,8 +367,13 @@ def fork(cfg: EngineConfig, state: EngineState, src: Int[Array, "batch"], dst: I
     tgt_page = jnp.where(ok, fresh[:, 0], NULL_PAGE)
     a = a.replace(tokens=a.tokens.at[tgt_page].set(a.tokens[src_page]))
     tgt = jnp.where(ok, dst, s)
+    if state.k_pages.dtype == jnp.int8:  # the copied page's per-token scales travel with it
+        scales = dict(k_scales=state.k_scales.at[:, tgt_page].set(state.k_scales[:, src_page]),
+                      v_scales=state.v_scales.at[:, tgt_page].set(state.v_scales[:, src_page]))
+    else:  # float pools have none, fp8's are per layer and head
+        scales = {}
     st = state.replace(
-        alloc=a,
+        alloc=a, **scales,
         k_pages=state.k_pages.at[:, tgt_page].set(state.k_pages[:, src_page]),
         v_pages=state.v_pages.at[:, tgt_page].set(state.v_pages[:, src_page]),
         page_table=state.page_table.at[tgt].set(table, mode="drop"),

@@ -307,6 +307,37 @@ def run(model_dir, text_file, modes: list[Mode], *, max_tokens: int | None = 409
             "modes": {r["mode"]: r for r in results}}
 
 
+def kv_rows(model: jaxinfer.Model, ids: np.ndarray, kv_dtypes: list[str], seq: int = 500, chunk: int = 128) -> dict:
+    """KV-cache quantization rows: per Engine kv_dtype, the perplexity of `ids` scored in
+    consecutive prompts of `seq` tokens through the engine's prompt logprobs (chunked prefill of
+    `chunk` tokens, so later chunks read earlier chunks' 8-bit pages), its change vs float KV
+    ("auto"), the max |logprob error| of the scored tokens vs float KV over those long prompts
+    (the error the KV quantization puts into the model's log-probabilities), teacher-forced
+    top-1 agreement with float KV, and the pool's bytes per token."""
+    kv_dtypes = ["auto"] + [d for d in kv_dtypes if d != "auto"]
+    pieces = [list(map(int, ids[i:i + seq])) for i in range(0, len(ids) - 1, seq) if len(ids[i:i + seq]) > 1]
+    rows = {}
+    for d in kv_dtypes:
+        e = jaxinfer.Engine(model, max_slots=1, page_size=16, num_pages=-(-seq // 16) + 4, max_seq_len=seq + 1,
+                            kv_dtype=d, prefill_chunk=chunk, prefix_caching=False)
+        lps, tops = [], []
+        for p in pieces:
+            out = e.generate([p], jaxinfer.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1))[0]
+            lps += [out.prompt_logprobs[i][t] for i, t in enumerate(p) if i > 0]
+            tops += [max(out.prompt_logprobs[i], key=out.prompt_logprobs[i].get) for i in range(1, len(p))]
+        rows[d] = {"kv_dtype": d, "pool_dtype": e.stats()["kv_dtype"], "kv_bytes_per_token": e.stats()["kv_bytes_per_token"],
+                   "nll": -float(np.mean(lps)), "perplexity": float(np.exp(-np.mean(lps))),
+                   "tokens_scored": len(lps), "_lps": np.asarray(lps), "_tops": np.asarray(tops)}
+    base = {k: rows["auto"][k] for k in ("perplexity", "_lps", "_tops")}
+    for r in rows.values():
+        r["ppl_delta_pct"] = 100.0 * (r["perplexity"] / base["perplexity"] - 1.0)
+        r["max_logprob_error"] = float(np.abs(r["_lps"] - base["_lps"]).max())
+        r["top1_agreement"] = float(np.mean(r.pop("_tops") == base["_tops"]))
+    for r in rows.values():
+        r.pop("_lps")
+    return {"seq": seq, "chunk": chunk, "rows": rows}
+
+
 def _fmt_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -380,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="greedy decode tokens/s through jaxinfer.Engine for N new tokens (default 64; 0: skip)")
     ap.add_argument("--repeats", type=int, default=2,
                     help="timed passes per speed measurement, the best is reported (default 2)")
+    ap.add_argument("--kv-dtypes", default="",
+                    help="also score the model with these Engine kv_dtypes (e.g. auto,int8,fp8_e4m3): KV rows")
+    ap.add_argument("--kv-seq", type=int, default=500, help="tokens per KV-row prompt (default 500)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
@@ -415,6 +449,15 @@ def main(argv=None) -> dict:
                   decode_tokens=args.decode_tokens, repeats=args.repeats, progress=not args.no_progress)
     except ValueError as e:
         ap.error(str(e))
+    if args.kv_dtypes:
+        model = jaxinfer.load_model(args.model, dtype="float32")
+        ids = np.asarray(sp.encode_text(sp.text_tokenizer(Path(args.model)), Path(args.text))[0], np.int32)
+        ids = ids[: args.max_tokens or None]
+        out["kv"] = kv_rows(model, ids, args.kv_dtypes.split(","), seq=args.kv_seq)
+        for r in out["kv"]["rows"].values():
+            print(f"KV {r['kv_dtype']:>9} ({r['pool_dtype']}, {r['kv_bytes_per_token']} B/token): perplexity "
+                  f"{r['perplexity']:.4f} ({r['ppl_delta_pct']:+.3f}%), max |logprob error| "
+                  f"{r['max_logprob_error']:.4f}, top-1 agreement {r['top1_agreement']:.3f}")
     print("\n".join(summary_lines(out)))
     print(format_table(out))
     print(f"total {out['total_seconds']:.1f} s")

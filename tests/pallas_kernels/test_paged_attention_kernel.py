@@ -292,3 +292,73 @@ def test_no_smem_races(seed):
         reset_interpreter()
         raise
     assert not get_races().races_found, f"seed={seed} lengths={lengths.tolist()}"
+
+
+# --- 8-bit pages (int8 per-token scales, fp8 e4m3 per-head scales) ------------------------------
+# The kernel widens the 8-bit tiles exactly and applies the scales in float32 (K's on the
+# scores, V's on P before its rounding), so against the float32 reference on the same 8-bit
+# pages (which dequantizes in jnp) the error budget is the bf16 one above: same tolerances.
+# Unowned pages: int8 cannot hold NaN, so their *scales* are NaN (fp8 pages are NaN themselves).
+
+def quantize_pool(k, v, quant, rng):
+    """8-bit pages and scales of float pool k, v (NaN where build_pool put NaN)."""
+    from pallas_kernels import kv_quant  # test helper: the formats the runtime writes
+
+    nan = np.isnan(k[..., 0])  # [pages, page_size, kv_heads]
+    if quant == "int8":
+        (kq, ks, _), (vq, vs, _) = (kv_quant.quantize(jnp.asarray(np.nan_to_num(x)), jnp.int8) for x in (k, v))
+        ks, vs = (jnp.where(nan.transpose(0, 2, 1), jnp.nan, jnp.swapaxes(s, 1, 2)).astype(s.dtype) for s in (ks, vs))
+        return kq, vq, ks, vs
+    scale = jnp.asarray(rng.uniform(0.25, 2.0, k.shape[2]), jnp.float32)
+    kq, vq = (kv_quant.quantize(jnp.asarray(x), jnp.float8_e4m3fn, scale)[0] for x in (k, v))
+    return kq, vq, scale, scale * 1.5
+
+
+def run_quant_case(seed, lengths, quant, *, page_size, pages_per_seq, q_heads, kv_heads, head_dim, config=None,
+                   window=None):
+    rng = np.random.default_rng(seed)
+    lengths = np.asarray(lengths, np.int32)
+    k, v, table = build_pool(rng, lengths, page_size, pages_per_seq, kv_heads, head_dim)
+    kq, vq, ks, vs = quantize_pool(k, v, quant, rng)
+    q = jnp.asarray(1.5 * rng.standard_normal((len(lengths), q_heads, head_dim)), jnp.bfloat16)
+    table_d, lengths_d = jnp.asarray(table), jnp.asarray(lengths)
+    out = run_kernel(q, kq, vq, table_d, lengths_d, config=config, sliding_window=window, k_scales=ks, v_scales=vs)
+    expected = reference(q.astype(jnp.float32), kq, vq, table_d, lengths_d, sliding_window=window,
+                         k_scales=ks, v_scales=vs)
+    msg = (f"seed={seed} quant={quant} lengths={lengths.tolist()} page_size={page_size} q_heads={q_heads} "
+           f"kv_heads={kv_heads} head_dim={head_dim} config={config} window={window}")
+    out = np.asarray(out, np.float32)
+    assert np.isfinite(out).all(), f"non-finite output: {msg}"
+    assert (out[lengths == 0] == 0).all(), msg
+    np.testing.assert_allclose(out, np.asarray(expected), **TOL[jnp.bfloat16], err_msg=msg)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("quant", ["int8", "fp8"])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("page_size", [16, 32, 64])
+def test_quantized_pages_sweep(seed, page_size, group, quant):
+    run_quant_case(seed, boundary_lengths(page_size), quant, page_size=page_size,
+                   pages_per_seq=160 // page_size + 1, q_heads=2 * group, kv_heads=2, head_dim=64,
+                   config=TuningConfig(num_splits=1))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("quant", ["int8", "fp8"])
+def test_quantized_pages_splits_window_head_dim_128(seed, quant):
+    rng = np.random.default_rng(seed)
+    lengths = [1, 17, 130, int(rng.integers(2, 192)), 0]
+    run_quant_case(seed, lengths, quant, page_size=16, pages_per_seq=12, q_heads=4, kv_heads=2, head_dim=128,
+                   config=TuningConfig(num_splits=2, num_buffers=3), window=37)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("quant", [jnp.int8, jnp.float8_e4m3fn])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_quantized_lowers_for_cuda_sm90(head_dim, quant):
+    q, k, v, table, lengths = _shapes(slots=8, q_heads=16, kv_heads=4, head_dim=head_dim, pages=257, page_size=16,
+                                      pages_per_seq=32)
+    k = v = jax.ShapeDtypeStruct(k.shape, quant)
+    sc = jax.ShapeDtypeStruct((257, 4, 16), jnp.bfloat16) if quant == jnp.int8 else jax.ShapeDtypeStruct((4,), jnp.float32)
+    f = jax.jit(lambda q, k, v, t, n, ks, vs: paged_attention(q, k, v, t, n, k_scales=ks, v_scales=vs))
+    assert "mosaic_gpu" in f.trace(q, k, v, table, lengths, sc, sc).lower(lowering_platforms=("cuda",)).as_text()

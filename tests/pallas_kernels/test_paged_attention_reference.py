@@ -220,3 +220,25 @@ def test_rejects_bad_heads_window_and_int_dtypes():
 def test_softcap(seed, softcap, window, scale):
     run_case(seed, page_size=16, pages_per_seq=4, q_heads=8, kv_heads=2, head_dim=64, window=window, scale=scale,
              softcap=softcap)
+
+
+@pytest.mark.parametrize("quant", ["int8", "fp8"])
+def test_quantized_pages_equal_dequantized_float_pages(quant):
+    """8-bit pages (pallas_kernels.kv_quant) read as their dequantized float32 values: the same
+    computation, so equal to float32 rounding (1e-6)."""
+    from pallas_kernels import kv_quant  # the 8-bit formats (only these tests use them here)
+
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((2, 7, 16, 2, 32)), jnp.float32)  # K and V: [pages, ps, kvh, hd]
+    if quant == "int8":
+        (kq, ks, _), (vq, vs, _) = (kv_quant.quantize(y, jnp.int8) for y in x)
+        ks, vs = jnp.swapaxes(ks, 1, 2), jnp.swapaxes(vs, 1, 2)
+    else:
+        ks = vs = jnp.asarray([0.5, 2.0], jnp.float32)
+        kq, vq = (kv_quant.quantize(y, jnp.float8_e4m3fn, ks)[0] for y in x)
+    table = jnp.asarray(rng.permutation(7)[:6].reshape(2, 3).astype(np.int32))
+    lengths = jnp.asarray([20, 41], jnp.int32)
+    q = jnp.asarray(rng.standard_normal((2, 8, 32)), jnp.float32)
+    out = paged_attention_reference(q, kq, vq, table, lengths, k_scales=ks, v_scales=vs)
+    want = paged_attention_reference(q, kv_quant.dequantize(kq, ks), kv_quant.dequantize(vq, vs), table, lengths)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-6, atol=1e-6)

@@ -133,8 +133,11 @@ def make_workload(args, vocab: int, max_seq_len: int) -> Workload:
 
 # ---------------------------------------------------------------------------- jaxinfer runs
 def engine_kwargs(args, slots: int, max_seq_len: int) -> dict:
-    return bench_common.engine_kwargs(slots, max_seq_len, args.page_size, args.decode_steps,
-                                      args.max_prefill_batch or slots, args.num_pages)
+    kw = bench_common.engine_kwargs(slots, max_seq_len, args.page_size, args.decode_steps,
+                                    args.max_prefill_batch or slots, args.num_pages)
+    if getattr(args, "kv_dtype", "auto") != "auto":
+        kw["kv_dtype"] = args.kv_dtype
+    return kw
 
 
 def run_engine(model, kwargs: dict, mode: str, wl: Workload, progress: bool, desc: str) -> dict:
@@ -173,6 +176,7 @@ def run_engine(model, kwargs: dict, mode: str, wl: Workload, progress: bool, des
     records = [RequestRecord(t0 + wl.arrivals[i], times[i], len(wl.prompts[i])) for i in range(n)]
     metrics = bench_metrics.compute_metrics(records, start=t0)
     metrics["engine_steps"] = steps
+    metrics["kv_bytes_per_token"] = engine.stats()["kv_bytes_per_token"]
     short = [i for i in range(n) if len(tokens[i]) != wl.output_lens[i]]
     if short:
         raise RuntimeError(f"{mode}: request {short[0]} produced {len(tokens[short[0]])} tokens, "
@@ -432,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-pages", type=int, default=0, help="0: enough for every slot's worst case")
     ap.add_argument("--max-seq-len", type=int, default=512, help="capped at the model's max_position_embeddings")
     ap.add_argument("--decode-steps", type=int, default=8, help="decode steps per host sync")
+    ap.add_argument("--kv-dtype", default="auto", choices=["auto", "bfloat16", "float32", "int8", "fp8_e4m3"],
+                    help="the KV pool's element type (the results record KV bytes per token)")
     ap.add_argument("--max-prefill-batch", type=int, default=0, help="0: --slots")
     ap.add_argument("--sweep-slots", default="", help="comma list, e.g. 1,2,4,8,16: offline throughput vs slots")
     ap.add_argument("--json", help="write every result (incl. per-request token timestamps) here")

@@ -31,7 +31,7 @@ from pallas_kernels._common import (
 
 DecodeQueries = Float[Array, "slots q_heads head_dim"]
 LayerPages = Shaped[Array, "pages page_size kv_heads head_dim"]  # float, or int8 / fp8 with scales
-PageScales = Float[Array, "..."]  # int8: [pages, kv_heads, page_size]; fp8: [kv_heads] (pallas_kernels.kv_quant)
+PageScales = Float[Array, "*scale_shape"]  # int8: [pages, kv_heads, page_size]; fp8: [kv_heads] (pallas_kernels.kv_quant)
 PageTable = Int[Array, "slots pages_per_seq"]
 SlotInts = Int[Array, "slots"]
 Window = int | Int[Array, ""] | None  # static int, traced int32 scalar, or no window

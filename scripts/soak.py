@@ -88,7 +88,9 @@ def bad_request(rng, vocab: int, max_seq_len: int):
 def check_allocator(engine, idle: bool) -> list[str]:
     import jax
 
-    a = jax.device_get(engine.state.alloc)
+    # Field by field: device_get of the struct would rebuild a PageAllocator around NumPy arrays.
+    a = type("Alloc", (), {k: np.asarray(jax.device_get(getattr(engine.state.alloc, k)))
+                           for k in ("refcount", "cached", "gen")})
     out = []
     if (a.refcount < 0).any():
         out.append(f"negative refcount at pages {np.nonzero(a.refcount < 0)[0][:5].tolist()}")

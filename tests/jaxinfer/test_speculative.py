@@ -16,6 +16,7 @@ from jaxinfer.sampling import filtered_probs
 REPEAT = "Once upon a time, there was a little girl named Lily. She liked to play. Once upon a time, there was a"
 PROMPTS = [REPEAT, "The dog ran. The dog ran. The dog", "Lily", "Ben and Lily went to the park. Ben and Lily",
            "One day, Tom saw a big red ball.", "She said: the cat, the cat, the"] * 3
+PROMPTS = PROMPTS[:16]  # the issue's minimum: more requests than slots, each method and k
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +46,12 @@ def plain_reference(stories):
 @pytest.mark.parametrize("method,k", [("ngram", 1), ("ngram", 3), ("ngram", 5), ("draft", 1), ("draft", 3),
                                       ("draft", 5)])
 def test_greedy_equals_plain_decoding_with_preemption(stories, int8_draft, plain_reference, method, k):
-    """18 requests on 4 slots and a pool small enough to preempt, with stop strings, min_tokens
+    """16 requests on 4 slots and a pool small enough to preempt, with stop strings, min_tokens
     and logprobs: tokens, texts and finish reasons equal; logprobs to 1e-5 (the verify forward
     runs k+1 positions at once, so float32 rounding differs from one-token decode)."""
     model, tok = stories
     kw = dict(max_slots=4, page_size=8, num_pages=24, max_seq_len=160, decode_steps=8)
-    params = [SP(max_tokens=48, temperature=0.0, logprobs=2, stop=["Lily."] if i % 3 == 0 else (),
+    params = [SP(max_tokens=40, temperature=0.0, logprobs=2, stop=["Lily."] if i % 3 == 0 else (),
                  min_tokens=4 if i % 4 == 1 else 0) for i in range(len(PROMPTS))]
     ref = plain_reference(PROMPTS, params, **kw)
     spec = jaxinfer.Engine(model, tokenizer=tok, speculative=SpeculativeConfig(method=method, num_tokens=k),

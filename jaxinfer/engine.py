@@ -669,7 +669,7 @@ class Engine:
             alloc = self.state.alloc
             self.state = self.state.replace(alloc=alloc.replace(
                 cached=jax.device_put(np.zeros(alloc.cached.shape, bool)),
-                hash=jax.device_put(np.zeros(alloc.hash.shape, np.asarray(alloc.hash).dtype))))
+                hash=jax.device_put(np.zeros(alloc.hash.shape, alloc.hash.dtype))))
             self.scheduler._prefilled_keys.clear()
             self.model = self.model.replace(params=jax.device_put(new.params))
             self._counters["weight_updates"] += 1

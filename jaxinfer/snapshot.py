@@ -250,7 +250,6 @@ def write(engine, path: str | Path) -> Path:
     """Write a snapshot of `engine` under directory `path`; returns the snapshot's directory."""
     root = Path(path).absolute()
     root.mkdir(parents=True, exist_ok=True)
-    previous = _latest(root)
     k = 1 + max([int(p.name.split("-")[1].split(".")[0]) for p in root.glob("snapshot-*")] or [0])
     partial, final = root / f"snapshot-{k}.partial", root / f"snapshot-{k}"
     save_state(engine.state, partial / "state")
@@ -265,7 +264,6 @@ def write(engine, path: str | Path) -> Path:
     for old in root.glob("snapshot-*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
-    del previous
     return final
 
 

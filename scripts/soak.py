@@ -89,15 +89,15 @@ def check_allocator(engine, idle: bool) -> list[str]:
     import jax
 
     # Field by field: device_get of the struct would rebuild a PageAllocator around NumPy arrays.
-    a = type("Alloc", (), {k: np.asarray(jax.device_get(getattr(engine.state.alloc, k)))
-                           for k in ("refcount", "cached", "gen")})
+    alloc = engine.state.alloc
+    refcount, cached, gen = jax.device_get((alloc.refcount, alloc.cached, alloc.gen))
     out = []
-    if (a.refcount < 0).any():
-        out.append(f"negative refcount at pages {np.nonzero(a.refcount < 0)[0][:5].tolist()}")
-    if a.refcount[0] != 1 or a.cached[0] or a.gen[0] != 0:
-        out.append(f"null page touched: refcount {a.refcount[0]}, cached {a.cached[0]}, handed out {a.gen[0]} times")
-    if idle and (a.refcount[1:] != 0).any():
-        out.append(f"idle engine holds {int((a.refcount[1:] != 0).sum())} pages (leak)")
+    if (refcount < 0).any():
+        out.append(f"negative refcount at pages {np.nonzero(refcount < 0)[0][:5].tolist()}")
+    if refcount[0] != 1 or cached[0] or gen[0] != 0:
+        out.append(f"null page touched: refcount {refcount[0]}, cached {cached[0]}, handed out {gen[0]} times")
+    if idle and (refcount[1:] != 0).any():
+        out.append(f"idle engine holds {int((refcount[1:] != 0).sum())} pages (leak)")
     return out
 
 

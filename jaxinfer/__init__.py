@@ -20,8 +20,10 @@ from jaxinfer.steps import (
     fork, insert, make_chunk, make_requests, prefill, SpeculativeConfig, spec_decode_steps,
 )
 
-# Model and weights.
+# Model and weights; tensor / data parallelism.
 from jaxinfer.model import Model, forward
+from jaxinfer.sharding import make_mesh
+from jaxinfer.replicas import ReplicatedEngine
 from jaxinfer.weights import dummy_model, load_model, save_model
 
 # Configuration.
@@ -52,7 +54,7 @@ __all__ = [
     "PrefillResult", "Requests", "admit", "decode", "decode_steps", "evict", "fork", "insert", "make_chunk",
     "make_requests", "prefill",
     # model and weights
-    "Model", "forward", "dummy_model", "load_model", "save_model",
+    "Model", "forward", "dummy_model", "load_model", "save_model", "make_mesh", "ReplicatedEngine",
     # configuration
     "ModelConfig", "RopeConfig", "config_from_hf", "config_to_hf", "load_config", "PRESETS", "default_model_dir", "get_preset",
     # quantization

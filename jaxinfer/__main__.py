@@ -14,6 +14,7 @@ A bad flag value, a missing checkpoint or a request the engine refuses prints on
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,26 +24,57 @@ import jaxinfer
 DEFAULT_PROMPT = "Once upon a time"
 
 
-def load(model_dir: str | None, preset: str | None, dtype: str, compute_dtype: str | None = None):
+def load(model_dir: str | None, preset: str | None, dtype: str, compute_dtype: str | None = None, mesh=None):
     """Returns (model, tokenizer, description)."""
     if preset:
-        model = jaxinfer.dummy_model(jaxinfer.get_preset(preset), dtype=dtype, compute_dtype=compute_dtype)
+        model = jaxinfer.dummy_model(jaxinfer.get_preset(preset), dtype=dtype, compute_dtype=compute_dtype, mesh=mesh)
         tok = jaxinfer.ByteTokenizer() if model.config.vocab_size >= 258 else None
         return model, tok, f"preset {preset!r} with random weights"
     path = Path(model_dir) if model_dir else jaxinfer.default_model_dir()
     if path is None:
-        return load(None, "tiny", dtype, compute_dtype)[:2] + (
+        return load(None, "tiny", dtype, compute_dtype, mesh)[:2] + (
             "built-in default: random-weight 'tiny' preset + byte tokenizer (stories260K not found)",)
-    model = jaxinfer.load_model(path, dtype=dtype, compute_dtype=compute_dtype)
+    model = jaxinfer.load_model(path, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh)
     what = str(path) if model_dir else f"built-in default: stories260K at {path}"
     return model, jaxinfer.load_tokenizer(path), what
 
 
+def parallel_setup(args):
+    """The mesh of --tp / --dp (None for one device), after joining the JAX cluster of
+    --coordinator / --num-processes / --process-id (jax.distributed; CPU processes talk over
+    gloo). On CPU, --cpu-devices N makes each process show N devices (XLA's host-platform
+    device count: set before the backend starts). Processes other than 0 print nothing on
+    stdout: every process runs the same program on the same requests, process 0 reports."""
+    if args.cpu_devices:
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.cpu_devices}".strip()
+    if args.num_processes > 1:
+        if args.coordinator is None or args.process_id is None:
+            raise ValueError("--num-processes > 1 needs --coordinator HOST:PORT and --process-id I")
+        if not 0 <= args.process_id < args.num_processes:
+            raise ValueError(f"--process-id must be in [0, {args.num_processes}), got {args.process_id}")
+        import jax  # local: jaxinfer's import does not start a backend; distributed must come first
+
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        if args.process_id != 0:
+            sys.stdout = open(os.devnull, "w")
+    if args.tp == 1 and args.dp == 1:
+        return None
+    return jaxinfer.make_mesh(tp=args.tp, dp=args.dp)
+
+
 def cmd_generate(args) -> int:
-    model, tok, what = load(args.model, args.preset, args.dtype, args.compute_dtype)
-    print(f"[jaxinfer] model: {what} ({model.config.num_params() / 1e6:.2f}M params)", file=sys.stderr)
+    mesh = parallel_setup(args)
+    model, tok, what = load(args.model, args.preset, args.dtype, args.compute_dtype, mesh)
+    where = "" if mesh is None else f", tp {args.tp} x dp {args.dp} over {args.num_processes} process(es)"
+    print(f"[jaxinfer] model: {what} ({model.config.num_params() / 1e6:.2f}M params{where})", file=sys.stderr)
+    if args.verbose:
+        print(f"[jaxinfer] read {jaxinfer.checkpoint.bytes_read()} bytes of checkpoint", file=sys.stderr)
+    seed = 0 if args.num_processes > 1 and args.seed is None else None  # every process draws the same seeds
     engine = jaxinfer.Engine(model, max_slots=args.slots, page_size=args.page_size, num_pages=args.num_pages,
-                             max_seq_len=args.max_seq_len, tokenizer=tok, max_logprobs=max(5, args.logprobs or 0))
+                             max_seq_len=args.max_seq_len, tokenizer=tok, max_logprobs=max(5, args.logprobs or 0),
+                             mesh=mesh, seed=seed)
     if args.verbose:
         plan = engine.bucket_plan()
         print(f"[jaxinfer] bucket plan ({sum(map(len, plan.values()))} programs at most): "
@@ -203,6 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt + output tokens at most")
     e.add_argument("--verbose", action="store_true", help="print the bucket plan and what was compiled")
     e.add_argument("--precompile", action="store_true", help="compile every program of the bucket plan first")
+    d = g.add_argument_group("parallel (docs/scaling.md)")
+    d.add_argument("--tp", type=_number(int, 1, what="an integer >= 1"), default=1, help="tensor-parallel devices")
+    d.add_argument("--dp", type=_number(int, 1, what="an integer >= 1"), default=1, help="data-parallel replicas")
+    d.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (jax.distributed), with --num-processes")
+    d.add_argument("--num-processes", type=_number(int, 1, what="an integer >= 1"), default=1,
+                   help="processes in the JAX cluster")
+    d.add_argument("--process-id", type=_number(int, 0, what="an integer >= 0"), default=None, help="this process")
+    d.add_argument("--cpu-devices", type=_number(int, 1, what="an integer >= 1"), default=None,
+                   help="CPU only: devices each process shows (XLA's host-platform device count)")
     g.set_defaults(func=cmd_generate)
 
     v = sub.add_parser("serve", help="serve the OpenAI API over HTTP (the 'serve' extra)",

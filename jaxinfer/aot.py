@@ -118,18 +118,39 @@ class _Abstract:
 
     def __init__(self, tree):
         leaves, self.treedef = jax.tree.flatten(tree)
-        self.leaves = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
+        self.leaves = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_mesh_sharding(x)) for x in leaves]
 
 
 def _abstract(tree):
     return _Abstract(tree)
 
 
+def _sharding_key(x):
+    """A leaf's placement in a signature: its spec and the mesh's axes and device ids (two
+    replicas' meshes differ only in their devices)."""
+    s = _mesh_sharding(x)
+    if s is None:
+        return None
+    return (str(s.spec), s.mesh.axis_names, tuple(s.mesh.devices.shape), tuple(d.id for d in s.mesh.devices.flat))
+
+
+def _mesh_sharding(x):
+    """A leaf's NamedSharding (a sharded model or state, jaxinfer/sharding.py), else None: the
+    executable is compiled for it, and it is part of the signature."""
+    s = getattr(x, "sharding", None)
+    return s if isinstance(s, jax.sharding.NamedSharding) else None
+
+
 def _flat_signature(treedefs: list, leaves: list) -> bytes:
     """Tree structures (static fields included, through pickling the treedefs) and every leaf's
-    shape and dtype."""
-    shapes = [(tuple(getattr(x, "shape", ())), str(getattr(x, "dtype", type(x).__name__))) for x in leaves]
-    return pickle.dumps(treedefs) + repr(shapes).encode()
+    shape, dtype and mesh placement."""
+    shapes = [(tuple(getattr(x, "shape", ())), str(getattr(x, "dtype", type(x).__name__)), _sharding_key(x))
+              for x in leaves]
+    try:
+        structure = pickle.dumps(treedefs)
+    except TypeError:  # a static field holds devices (a sharded Model's mesh): its repr names them
+        structure = repr(treedefs).encode()
+    return structure + repr(shapes).encode()
 
 
 def _signature(args: tuple) -> bytes:
@@ -177,6 +198,8 @@ class StepCache:
         """The disk entry of a program: everything it depends on, hashed."""
         if self.directory is None:
             return None
+        if any(_mesh_sharding(x) is not None for _, ls in flat for x in ls):
+            return None  # sharded programs (their collectives, several processes) stay in memory
         digest = hashlib.sha256(_environment_key() + repr((name, tuple(static.items()))).encode()
                                 + _flat_signature([t for t, _ in flat], [x for _, ls in flat for x in ls])).hexdigest()
         return self.directory / f"{name}-{digest[:32]}.bin"
@@ -191,7 +214,10 @@ class StepCache:
         if path is not None and path.exists():
             try:
                 payload, in_tree, out_tree = pickle.loads(path.read_bytes())
-                compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+                # On the first device, as compiled (the default, every local device, would make a
+                # one-device program expect one shard per device on a multi-device host).
+                compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree,
+                                                                     execution_devices=jax.devices()[:1])
                 self.stats["loaded"] += 1
                 return compiled
             except Exception as e:  # stale or corrupt: compile again and overwrite
@@ -209,7 +235,7 @@ class StepCache:
 
         donated = tuple(j for k, i in enumerate(positions) if i in donate_argnums
                         for j in range(starts[k], starts[k] + sizes[k]))
-        avals = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
+        avals = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_mesh_sharding(x)) for x in leaves]
         t = time.perf_counter()
         _local.jax_cache_hit = False
         _local.compiling = True

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
 import jax
 import ml_dtypes  # noqa: F401  registers bfloat16 with numpy, so safe_open(framework="numpy") reads bf16
 import numpy as np
+from jax.sharding import NamedSharding
 from safetensors import SafetensorError, safe_open
 
 from jaxinfer.config import ModelConfig
@@ -253,6 +255,11 @@ def check_tensors(found: Found, expected: dict[str, ExpectedTensor], config: Mod
         )
 
 
+# Bytes of tensor data read from safetensors files by this process (a diagnostic: the sharded
+# loader's tests check that each process reads only its own slices).
+_bytes_read = [0]
+
+
 def _is_float(dtype: np.dtype) -> bool:
     """NumPy floats plus ml_dtypes' (bfloat16, float8_*), whose kind is 'V'."""
     return dtype.kind == "f" or dtype.name.startswith(("bfloat16", "float8"))
@@ -275,6 +282,7 @@ def load_dense(found: Found, specs: dict[str, TensorSpec], num_layers: int, dtyp
         for name, spec, lo, hi in members:
             try:
                 tensor = found[name][0].get_tensor(name)
+                _bytes_read[0] += tensor.nbytes
             except (SafetensorError, OSError) as e:  # header fine, data cut short
                 raise CheckpointError(f"{name}: cannot read its data ({e}); the safetensors file is "
                                       "truncated or corrupt") from e
@@ -289,3 +297,134 @@ def load_dense(found: Found, specs: dict[str, TensorSpec], num_layers: int, dtyp
             bar.update(1 if lo is None else (hi - lo) / spec.shape[0])
         (params["layers"] if stacked else params)[key] = jax.device_put(buf)
         del buf
+
+
+def bytes_read() -> int:
+    return _bytes_read[0]
+
+
+def _row_segments(a: int, b: int, key: str, spec: TensorSpec, lo: int | None, layout, config: ModelConfig,
+                  kv_keys) -> list[tuple[int, int, int, int]]:
+    """Rows [a, b) of a sharded parameter's HF row axis (the HF tensor's axis 0: out features of a
+    linear, the vocabulary of the embedding / head) as (dst_lo, dst_hi, src_lo, src_hi) runs of
+    the stored tensor: KV heads replicated (`layout.kv_replicas`), vocabulary padding (no
+    source: left zero), a fused tensor's part offset (`lo`)."""
+    out = []
+    if key in kv_keys and layout.kv_replicas > 1:
+        hd, r = config.head_dim, layout.kv_replicas
+        j = a
+        while j < b:
+            end = min(b, (j // hd + 1) * hd)
+            src = (j // hd // r) * hd + j % hd
+            out.append((j - a, end - a, src, src + end - j))
+            j = end
+    else:
+        top = min(b, config.vocab_size) if key in ("embed", "lm_head") else b  # padding rows: no source
+        if top > a:
+            out.append((0, top - a, a, top))
+    base = 0 if lo is None else lo
+    return [(d0, d1, s0 + base, s1 + base) for d0, d1, s0, s1 in out]
+
+
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8}
+
+
+class SliceReader:
+    """Rows and columns of safetensors tensors read with `os.pread` (the format: an 8-byte
+    little-endian header length, a JSON header of dtype / shape / data_offsets, then the data,
+    row-major). Unlike the memory-mapped `safe_open`, whose touched pages count in the process's
+    RSS until the file is closed (a whole second copy of the checkpoint by the end of a load),
+    only the bytes of the slice pass through memory."""
+
+    def __init__(self, files: list[Path]):
+        self._fds, self._index = [], {}
+        for file in files:
+            fd = os.open(file, os.O_RDONLY)
+            self._fds.append(fd)
+            n = int.from_bytes(os.pread(fd, 8, 0), "little")
+            header = json.loads(os.pread(fd, n, 8))
+            for name, info in header.items():
+                if name != "__metadata__":
+                    self._index[name] = (fd, np.dtype(_DTYPES[info["dtype"]]), tuple(info["shape"]),
+                                         8 + n + info["data_offsets"][0])
+
+    def read(self, name: str, rows: slice, rest: tuple[slice, ...] = ()) -> np.ndarray:
+        """tensor[rows, *rest] (a 1-D or 2-D tensor; contiguous ranges)."""
+        fd, dtype, shape, start = self._index[name]
+        r0, r1, _ = rows.indices(shape[0])
+        if len(shape) == 1:
+            data = os.pread(fd, (r1 - r0) * dtype.itemsize, start + r0 * dtype.itemsize)
+            _bytes_read[0] += len(data)
+            return np.frombuffer(data, dtype).copy()
+        width = shape[1]
+        c0, c1, _ = (rest[0] if rest else slice(None)).indices(width)
+        row_bytes = width * dtype.itemsize
+        if c0 == 0 and c1 == width:  # whole rows: one contiguous read
+            data = os.pread(fd, (r1 - r0) * row_bytes, start + r0 * row_bytes)
+            _bytes_read[0] += len(data)
+            return np.frombuffer(data, dtype).reshape(r1 - r0, width).copy()
+        out = np.empty((r1 - r0, c1 - c0), dtype)
+        length = (c1 - c0) * dtype.itemsize
+        for i, r in enumerate(range(r0, r1)):
+            data = os.pread(fd, length, start + r * row_bytes + c0 * dtype.itemsize)
+            out[i] = np.frombuffer(data, dtype)
+            _bytes_read[0] += length
+        return out
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+
+def load_dense_sharded(reader: SliceReader, specs: dict[str, TensorSpec], dtype, params: dict, bar, mesh, layout,
+                       config: ModelConfig, global_shape, spec_of, kv_keys) -> None:
+    """`load_dense` for a mesh: every parameter is built from its devices' shards, each read
+    from the files by `reader` (only the rows and columns the device holds;
+    a slice that several local devices replicate is read once). Nothing whole is built: peak
+    host memory beside the model is one device's slice of one parameter. `global_shape(key,
+    shape)` gives the sharded parameter's shape (KV heads replicated, vocabulary padded),
+    `spec_of(key, ndim)` its PartitionSpec."""
+    groups: dict[str, list[tuple[str, TensorSpec, int | None, int | None]]] = {}
+    for name, spec in specs.items():
+        for key, lo, hi in spec.destinations():
+            groups.setdefault(key, []).append((name, spec, lo, hi))
+    for key, members in groups.items():
+        _, first, lo, hi = members[0]
+        stacked = first.layer is not None
+        shape = global_shape(key, first.dest_shape(lo, hi))
+        sharding = NamedSharding(mesh, spec_of(key, len(shape)))
+        by_index: dict[tuple, list] = {}
+        for device, index in sharding.addressable_devices_indices_map(shape).items():
+            by_index.setdefault(tuple((s.start, s.stop) for s in index), []).append(device)
+        arrays = {}
+        for index, devices in by_index.items():
+            ranges = [(0 if s0 is None else s0, n if s1 is None else s1) for (s0, s1), n in zip(index, shape)]
+            buf = np.zeros([r1 - r0 for r0, r1 in ranges], dtype)
+            nstack = len(first.stack) if stacked else 0
+            tensor_ranges = ranges[nstack:]
+            for name, spec, mlo, _ in members:
+                hf_ranges = tensor_ranges[::-1] if spec.transpose else tensor_ranges
+                row_axis = len(tensor_ranges) - 1 if spec.transpose else 0  # HF axis 0 in our layout
+                rest = tuple(slice(r0, r1) for r0, r1 in hf_ranges[1:])
+                for d0, d1, s0, s1 in _row_segments(*hf_ranges[0], key, spec, mlo, layout, config, kv_keys):
+                    try:
+                        part = reader.read(name, slice(s0, s1), rest)
+                    except (OSError, ValueError) as e:
+                        raise CheckpointError(f"{name}: cannot read its data ({e}); the safetensors file is "
+                                              "truncated or corrupt") from e
+                    if _is_float(part.dtype) and not np.isfinite(part).all():
+                        raise CheckpointError(f"{name} contains NaN or inf values; expected finite weights: the "
+                                              "checkpoint is corrupt")
+                    dst = [slice(None)] * len(tensor_ranges)
+                    dst[row_axis] = slice(d0, d1)
+                    lead = (spec.layer if isinstance(spec.layer, tuple) else (spec.layer,)) if stacked else ()
+                    buf[(*lead, *dst)] = part.T if spec.transpose else part
+                    del part
+            arrays.update({d: jax.device_put(buf, d) for d in devices})
+            del buf
+        bar.update(len(members))
+        ordered = [arrays[d] for d in sharding.addressable_devices_indices_map(shape)]
+        value = jax.make_array_from_single_device_arrays(shape, sharding, ordered)
+        (params["layers"] if stacked else params)[key] = value

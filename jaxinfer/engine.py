@@ -41,6 +41,7 @@ from jaxinfer.model import Model
 from jaxinfer.request import Request, RequestOutput, Sequence, StreamDelta, make_request
 from jaxinfer.sampling import SamplingParams, sample_key
 from jaxinfer.scheduler import Scheduler
+from jaxinfer.sharding import check_mesh, dp_size
 from jaxinfer.state import (
     FINISH_REASONS, KV_DTYPES, EngineConfig, init_state, kv_bytes_per_token, kv_pool_dtype, pages_for_memory,
 )
@@ -80,6 +81,17 @@ class Engine:
     than it saves; a background load does not).
     """
 
+    # jaxinfer.replicas.ReplicatedEngine, registered by that module (it imports this one).
+    _replicated_cls = None
+
+    def __new__(cls, *args, mesh=None, **kwargs):
+        # A mesh with data-parallel replicas is served by one engine per replica behind a facade.
+        if cls is Engine and mesh is not None and dp_size(mesh) > 1:
+            if Engine._replicated_cls is None:
+                raise RuntimeError("import jaxinfer (or jaxinfer.replicas) to serve a mesh with a 'data' axis")
+            return Engine._replicated_cls(*args, mesh=mesh, **kwargs)
+        return super().__new__(cls)
+
     @typing.no_type_check  # the explicit checks below name the argument and what was expected
     def __init__(
         self,
@@ -111,7 +123,12 @@ class Engine:
         grammar_classes: int = 256,
         kv_dtype: str = "auto",
         kv_memory_gb: float | None = None,
+        mesh=None,
     ):
+        model, mesh = _on_mesh(model, mesh)
+        self.mesh = mesh
+        if mesh is not None and speculative is not None:
+            raise ValueError("speculative decoding is not supported on a mesh yet; use Engine(mesh=None)")
         if isinstance(speculative, dict):  # from a snapshot's saved arguments
             speculative = SpeculativeConfig(**speculative)
         if kv_dtype not in KV_DTYPES:
@@ -159,7 +176,8 @@ class Engine:
                 f"extrapolates badly; lower max_seq_len or pass allow_long_context=True")
         # On the XLA (CPU) attention path the layers run as a Python loop over per-layer weights:
         # XLA:CPU copies a weight it reads out of a stacked array (see Model.unstacked).
-        self.model = model.unstacked() if uses_views(attention_backend) else model
+        # (A sharded model keeps its stacked layers: splitting them goes through the host.)
+        self.model = model.unstacked() if uses_views(attention_backend) and mesh is None else model
         self.tokenizer = tokenizer
         self.add_bos = add_bos
         self.prefill_chunk = prefill_chunk
@@ -181,12 +199,14 @@ class Engine:
         # The XLA path keeps the pool in float32 whatever the compute dtype (bf16 values are exact
         # in it, and attention reads float32 anyway): XLA:CPU has no bf16 scatter and would
         # convert the whole pool to float32 and back for every token written.
-        self.state = init_state(self.cfg, model.config, jnp.float32 if uses_views(attention_backend) else model.dtype)
+        self.state = init_state(self.cfg, model.config, jnp.float32 if uses_views(attention_backend) else model.dtype,
+                                mesh)
         self.eos_ids = tuple(
             tokenizer.eos_ids if tokenizer is not None and tokenizer.eos_ids else model.config.eos_token_ids
         )
         self._seeds = np.random.default_rng(seed)
         self._next_id = 0
+        self._id_stride = 1  # a replica of a ReplicatedEngine takes every dp-th id
         self._counters = collections.Counter()
         self._live: dict[int, Request] = {}  # unfinished requests by id
         # Outputs the engine reports (`outputs()`): add_request requests, and after a restore all.
@@ -592,7 +612,7 @@ class Engine:
                                       "with speculative decoding; use an engine without speculative=")
         req = make_request(self._next_id, prompt, params, cfg=self.cfg, vocab_size=self.model.config.vocab_size,
                            tokenizer=self.tokenizer, add_bos=self.add_bos, eos_ids=self.eos_ids, seeds=self._seeds)
-        self._next_id += 1
+        self._next_id += self._id_stride
         return req
 
     def _queue(self, reqs: list[Request], consumer: _Consumer | None = None) -> None:
@@ -704,15 +724,7 @@ class Engine:
         return None if req is None else req.out
 
     def _add_all(self, prompts, params) -> list[Request]:
-        if isinstance(prompts, (str, bytes, bytearray, dict, set, frozenset)) or not isinstance(prompts, Iterable):
-            raise InvalidRequestError(
-                f"prompts must be a list of prompts (strings or token-id lists), got {type(prompts).__name__}")
-        prompts = list(prompts)
-        if params is None:
-            params = SamplingParams()
-        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise InvalidRequestError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
+        prompts, plist = prompt_list(prompts, params)
         # Validate everything first: a bad request rejects the call before any request is queued.
         reqs = []
         for i, (p, sp) in enumerate(zip(prompts, plist)):
@@ -823,6 +835,40 @@ class Engine:
         }
 
 
+def prompt_list(prompts, params) -> tuple[list, list]:
+    """(prompts, one SamplingParams per prompt) of a generate / stream call, or InvalidRequestError."""
+    if isinstance(prompts, (str, bytes, bytearray, dict, set, frozenset)) or not isinstance(prompts, Iterable):
+        raise InvalidRequestError(
+            f"prompts must be a list of prompts (strings or token-id lists), got {type(prompts).__name__}")
+    prompts = list(prompts)
+    if params is None:
+        params = SamplingParams()
+    plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+    if len(plist) != len(prompts):
+        raise InvalidRequestError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
+    return prompts, plist
+
+
+def _on_mesh(model, mesh):
+    """(model, mesh) for a tensor-parallel engine: a one-device model is laid out on `mesh`
+    (through the host; `load_model(path, mesh=mesh)` reads only each device's slices); a sharded
+    model brings its own mesh."""
+    if not isinstance(model, Model):
+        return model, mesh  # refused below with the engine's own message
+    if mesh is None:
+        return model, model.mesh
+    check_mesh(mesh)
+    if dp_size(mesh) > 1:
+        raise ValueError("Engine(mesh=) with a 'data' axis > 1 is served by jaxinfer.ReplicatedEngine "
+                         "(Engine(...) builds one for you); this engine runs one replica")
+    if model.mesh is None:
+        return model.on_mesh(mesh), mesh
+    if model.mesh != mesh:
+        raise ValueError("Engine(mesh=): the model is laid out on another mesh "
+                         f"({dict(model.mesh.shape)}); pass that mesh or the one-device model")
+    return model, mesh
+
+
 class _Consumer:
     """One `stream()` or `generate()` call: its requests and the deltas waiting for it."""
 
@@ -840,7 +886,7 @@ class _Consumer:
 class Stream:
     """The iterator `Engine.stream` returns; see there. Also a context manager."""
 
-    def __init__(self, engine: Engine, consumer: _Consumer):
+    def __init__(self, engine, consumer: _Consumer):  # an Engine or a ReplicatedEngine
         self._engine, self._consumer, self._closed = engine, consumer, False
 
     def __iter__(self) -> Stream:

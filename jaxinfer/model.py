@@ -49,9 +49,12 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from jax.sharding import PartitionSpec as P
+
 from jaxinfer.attention import NO_WINDOW, LayerAttention, prefill_attention
 from jaxinfer.config import ModelConfig
 from jaxinfer.moe import activation, moe_mlp
+from jaxinfer.sharding import MODEL, local_config, param_specs, pool_spec, shard_params, tp_size
 
 Params = dict[str, Any]
 DENSE_MLP_KEYS = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")  # stacked over the dense layers
@@ -79,6 +82,21 @@ class Model:
     config: ModelConfig = flax.struct.field(pytree_node=False)
     params: Params
     compute_dtype: str | None = flax.struct.field(pytree_node=False, default=None)
+    # Tensor parallelism (jaxinfer/sharding.py): the mesh the params are laid out on; None: one
+    # device. With a mesh, `config` is the sharded one (KV heads replicated up to tp if fewer).
+    mesh: Any = flax.struct.field(pytree_node=False, default=None)
+
+    @property
+    def tp(self) -> int:
+        return tp_size(self.mesh)
+
+    def on_mesh(self, mesh) -> "Model":
+        """This one-device model laid out on `mesh` (sharding.shard_params: through the host,
+        one tensor at a time; `load_model(path, mesh=mesh)` reads only each device's slices)."""
+        if self.mesh is not None:
+            raise ValueError("on_mesh: the model is already on a mesh; build it from the one-device model")
+        config, params = shard_params(self.config, self.stacked().params, mesh)
+        return self.replace(config=config, params=params, mesh=mesh)
 
     @property
     def weight_dtype(self):
@@ -99,6 +117,8 @@ class Model:
         layers = self.params["layers"]
         if isinstance(layers, tuple):
             return self
+        if self.mesh is not None:  # splitting goes through the host: it would gather every weight
+            raise ValueError("unstacked(): a sharded model keeps its stacked layers")
         return self.replace(params={**self.params, "layers": _split_layers(layers, self.config)})
 
     def stacked(self) -> "Model":
@@ -179,6 +199,15 @@ def linear(x: Array, w: Any, b: Array | None = None) -> Array:
     return y.astype(x.dtype)
 
 
+def _row_linear(x: Array, w: Any, b: Array | None, axis: str | None) -> Array:
+    """A row-parallel linear: local partial product, all-reduced over `axis` (in the activation
+    dtype, as vLLM does), then the bias once. Without an axis: `linear`."""
+    if axis is None:
+        return linear(x, w, b)
+    y = jax.lax.psum(linear(x, w), axis)
+    return y if b is None else (y.astype(jnp.float32) + b.astype(jnp.float32)).astype(y.dtype)
+
+
 # attend(layer_index, q, k, v, cache, spec) -> (out, cache): attention for one layer (with its
 # LayerAttention `spec`: window, soft-cap, scale) plus whatever the caller keeps across layers
 # (the KV pool for the engine; nothing for the plain forward).
@@ -210,6 +239,7 @@ def layer(
     attend: AttendFn,
     cache: Any,
     i: Int[Array, ""] | int,
+    axis: str | None = None,
 ) -> tuple[Float[Array, "batch seq hidden"], Any, dict[str, Array]]:
     """One decoder layer (the only layer body: `decoder` scans it, GPTQ calibration calls it).
     `lp` is one layer's slice of params["layers"] (with its MLP: dense, or experts when it has a
@@ -217,7 +247,12 @@ def layer(
     (window, RoPE table) is read. Family switches are static config fields. Returns the new
     residual stream, the cache and the inputs of the layer's linear weights by the first weight
     that reads each (wq for q/k/v, wo, w_gate for gate/up, w_down; an MoE layer has no
-    w_down tap), which GPTQ needs and everyone else drops."""
+    w_down tap), which GPTQ needs and everyone else drops.
+
+    `axis`: inside shard_map over the tensor-parallel mesh axis (jaxinfer/sharding.py), its
+    name: `config` and `lp` are then this device's share of the heads and of the MLP, and the
+    two row-parallel outputs (attention's wo, the MLP's down projection) are all-reduced over
+    it, their biases added once after the sum."""
     b, t = x.shape[:2]
     norm = functools.partial(rms_norm, eps=config.rms_norm_eps, plus_one=config.norm_plus_one)
     table = _per_layer(tuple(config.layer_rope(j) for j in range(config.num_layers)), i, 0)
@@ -231,15 +266,16 @@ def layer(
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     o, cache = attend(i, q, k, v, cache, layer_attention(config, i))
     o = o.reshape(b, t, config.q_size)
-    a = linear(o, lp["wo"], lp.get("bo"))
+    a = _row_linear(o, lp["wo"], lp.get("bo"), axis)
     x = x + (norm(a, lp["attn_out_norm"]) if config.sandwich_norms else a)
     h2 = norm(x, lp["mlp_norm"])
     taps = {"wq": h, "wo": o, "w_gate": h2}
     if "router" in lp:
         m = moe_mlp(config, lp, h2)
+        m = m if axis is None else jax.lax.psum(m, axis)
     else:
         act = activation(config, linear(h2, lp["w_gate"], lp.get("b_gate"))) * linear(h2, lp["w_up"], lp.get("b_up"))
-        m = linear(act, lp["w_down"], lp.get("b_down"))
+        m = _row_linear(act, lp["w_down"], lp.get("b_down"), axis)
         taps["w_down"] = act
     x = x + (norm(m, lp["mlp_out_norm"]) if config.sandwich_norms else m)
     return x, cache, taps
@@ -303,15 +339,53 @@ def decoder(
 ) -> tuple[Float[Array, "batch seq hidden"], Any]:
     """Embeds tokens, runs every layer (lax.scans over stacked weights, see `layer_segments`; a
     Python loop over unstacked ones) and the final norm. `attend` gets the layer index: a
-    traced int32 in the scan, a Python int in the loop."""
-    cfg, p = model.config, model.params
-    x = p["embed"][tokens].astype(model.dtype)
+    traced int32 in the scan, a Python int in the loop.
+
+    On a mesh (tensor parallel, jaxinfer/sharding.py) all of it runs under one `shard_map`:
+    each device embeds with its vocabulary rows (masked, all-reduced), runs the layers on its
+    own heads and MLP columns with the two all-reduces per layer, and `attend` reads and writes
+    its own KV heads of the `cache` (every cache leaf is a KV-pool array, split by
+    `sharding.pool_spec`). The output hidden state is replicated. Nothing is gathered: no
+    weight and no page leaves its device."""
+    tp = model.tp
+    if tp == 1:
+        return _decoder(model.config, model.params, model.dtype, tokens, positions, attend, cache, None)
+    leaves, treedef = jax.tree.flatten(model.params)
+    cache_leaves, cache_def = jax.tree.flatten(cache)
+    cache_specs = [pool_spec(c) for c in cache_leaves]
+    cfg = local_config(model.config, tp)
+
+    def body(leaves, cache_leaves, tokens, positions):
+        h, c = _decoder(cfg, jax.tree.unflatten(treedef, leaves), model.dtype, tokens, positions, attend,
+                        jax.tree.unflatten(cache_def, cache_leaves), MODEL)
+        return h, jax.tree.leaves(c)
+
+    h, cache_leaves = jax.shard_map(
+        body, mesh=model.mesh, in_specs=(param_specs(model.params, tp), cache_specs, P(), P()),
+        out_specs=(P(), cache_specs), check_vma=False)(leaves, cache_leaves, tokens, positions)
+    return h, jax.tree.unflatten(cache_def, cache_leaves)
+
+
+def _embed(embed: Array, tokens: Array, axis: str | None) -> Array:
+    """embed[tokens]; over a vocabulary-split table, each device looks up the ids in its rows
+    (zeros elsewhere) and the all-reduce assembles the rows (exact: one non-zero term)."""
+    if axis is None:
+        return embed[tokens]
+    rows = embed.shape[0]
+    ids = tokens - jax.lax.axis_index(axis) * rows
+    ok = (ids >= 0) & (ids < rows)
+    return jax.lax.psum(jnp.where(ok[..., None], embed[jnp.clip(ids, 0, rows - 1)], 0), axis)
+
+
+def _decoder(cfg: ModelConfig, p: Params, dtype, tokens, positions, attend: AttendFn, cache: Any,
+             axis: str | None) -> tuple[Array, Any]:
+    x = _embed(p["embed"], tokens, axis).astype(dtype)
     if cfg.embed_scale:  # Gemma: sqrt(hidden) rounded to the activation dtype, as transformers does
         x = x * jnp.asarray(cfg.hidden_size**0.5, x.dtype)
     rope = rope_tables(cfg, positions)
     if isinstance(p["layers"], tuple):  # unstacked: the layer index is a Python int
         for i, lp in enumerate(p["layers"]):
-            x, cache, _ = layer(cfg, lp, x, rope, attend, cache, i)
+            x, cache, _ = layer(cfg, lp, x, rope, attend, cache, i, axis)
     else:
         for segment in layer_segments(cfg):
             start, pattern, _ = segment
@@ -319,7 +393,7 @@ def decoder(
             def body(carry, lps, start=start, p=len(pattern)):
                 x, cache, step = carry
                 for j, lp in enumerate(lps):
-                    x, cache, _ = layer(cfg, lp, x, rope, attend, cache, start + j + p * step)
+                    x, cache, _ = layer(cfg, lp, x, rope, attend, cache, start + j + p * step, axis)
                 return (x, cache, step + 1), None
 
             (x, cache, _), _ = jax.lax.scan(body, (x, cache, jnp.int32(0)), _segment_params(cfg, p["layers"], segment))
@@ -329,8 +403,20 @@ def decoder(
 def lm_head(model: Model, h: Float[Array, "*b hidden"]) -> Float[Array, "*b vocab"]:
     """float32 logits; Gemma 2's final soft-cap, cap * tanh(logits / cap), included."""
     p, cfg = model.params, model.config
-    w = p["embed"].T if cfg.tie_word_embeddings else p["lm_head"]
-    logits = jnp.einsum("...i,io->...o", h.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    tied = cfg.tie_word_embeddings
+    w = p["embed"] if tied else p["lm_head"]
+
+    def head(h, w):
+        w = w.T if tied else w
+        return jnp.einsum("...i,io->...o", h.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+    if model.tp == 1:
+        logits = head(h, w)
+    else:  # vocabulary-split head: local logits, gathered once (sampling needs them whole)
+        logits = jax.shard_map(
+            lambda h, w: jax.lax.all_gather(head(h, w), MODEL, axis=h.ndim - 1, tiled=True), mesh=model.mesh,
+            in_specs=(P(), P(MODEL, None) if tied else P(None, MODEL)), out_specs=P(), check_vma=False)(h, w)
+        logits = logits[..., :cfg.vocab_size]  # the padding rows of a vocabulary tp does not divide
     if cfg.final_softcap is not None:
         logits = cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
     return logits

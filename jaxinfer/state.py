@@ -28,11 +28,13 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int, Shaped, UInt32
 
 from jaxinfer import allocator
 from jaxinfer.allocator import NULL_PAGE, PageAllocator
 from jaxinfer.config import ModelConfig
+from jaxinfer.sharding import pool_spec
 
 # finish_reason codes stored in the state (names are the public strings).
 # "dead_end": a structured-output constraint allowed no token (jaxinfer/grammar.py).
@@ -306,9 +308,11 @@ class EngineState:
         return self.alloc.refcount
 
 
-def init_state(cfg: EngineConfig, model_cfg: ModelConfig, dtype=jnp.float32) -> EngineState:
+def init_state(cfg: EngineConfig, model_cfg: ModelConfig, dtype=jnp.float32, mesh=None) -> EngineState:
     """An empty state: every slot free, every page but the null page free. The pool holds
-    `cfg.kv_dtype` (its "auto": `dtype`).
+    `cfg.kv_dtype` (its "auto": `dtype`). On a `mesh` (tensor parallel, jaxinfer/sharding.py;
+    `model_cfg` the sharded model's) the pool and its scales are split over KV heads along
+    "model" and everything else is replicated.
 
     Built in NumPy and moved to the device in one `device_put` (every field its own buffer: the
     jitted steps donate the state, and XLA refuses to donate one buffer twice); building it with
@@ -360,5 +364,11 @@ def init_state(cfg: EngineConfig, model_cfg: ModelConfig, dtype=jnp.float32) -> 
         grammar_next=i32(-1, (s, cfg.grammar_states, cfg.grammar_classes)),
         grammar_flags=i32(0, (s, cfg.grammar_states)),
     )
-    fields, alloc = jax.device_put((fields, allocator.init_arrays(cfg.num_pages, cfg.page_size)))
+    alloc = allocator.init_arrays(cfg.num_pages, cfg.page_size)
+    if mesh is None:
+        fields, alloc = jax.device_put((fields, alloc))
+    else:
+        pool = ("k_pages", "v_pages", "k_scales", "v_scales")
+        fields = {k: jax.device_put(v, NamedSharding(mesh, pool_spec(v) if k in pool else P())) for k, v in fields.items()}
+        alloc = jax.device_put(alloc, NamedSharding(mesh, P()))
     return EngineState(alloc=PageAllocator(**alloc), **fields)

@@ -24,13 +24,14 @@ from tqdm.auto import tqdm
 
 from jaxinfer.checkpoint import (
     INDEX_FILE, SINGLE_FILE, TensorSpec, check_tensors, dense_expected, hf_tensor_specs, load_dense,
-    open_checkpoint, param_shapes, weight_files,
+    SliceReader, load_dense_sharded, open_checkpoint, param_shapes, weight_files,
 )
 from jaxinfer.config import ModelConfig, config_to_hf, load_config
 from jaxinfer.errors import CheckpointError
 from jaxinfer.model import Model
 from jaxinfer.quant.load import load_quantized
 from jaxinfer.quant.orbax_io import is_quantized_orbax, load_quantized_orbax
+from jaxinfer.sharding import KV_KEYS, TPLayout, check_mesh, dense_spec, tp_size
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 _PROGRESS_BYTES = 100 * 2**20
@@ -47,7 +48,7 @@ def _as_dtype(dtype: DTypeLike) -> np.dtype:
 
 
 def load_model(path: str | Path, dtype: DTypeLike = "float32", progress: bool | None = None, *,
-               compute_dtype: DTypeLike | None = None) -> Model:
+               compute_dtype: DTypeLike | None = None, mesh=None) -> Model:
     """Load an HF-format Llama / Mistral / Qwen2 checkpoint directory as a `Model` in `dtype`.
 
     `compute_dtype`: activations and KV cache (None: `dtype`). On CPU, `dtype="bfloat16",
@@ -61,24 +62,58 @@ def load_model(path: str | Path, dtype: DTypeLike = "float32", progress: bool | 
     (GPTQ, bitsandbytes) loads through jaxinfer.quant.load; a directory written by
     `scripts/quantize.py` (`jaxinfer.quant.save_quantized`, orbax) loads as saved, without
     re-quantizing, its arrays in their stored dtypes.
+
+    `mesh` (jaxinfer.make_mesh): tensor parallel, every tensor placed with its NamedSharding
+    (layout in jaxinfer/sharding.py). A dense checkpoint is read slice by slice: each process
+    reads only the rows and columns its own devices hold (`safe_open(...).get_slice`), so no
+    whole tensor is built on a device or in host memory. A quantized checkpoint is unpacked
+    per tensor on the host as without a mesh (its packed formats are not sliceable the same
+    way) and then split, group boundaries respected.
     """
     path = Path(path)
     compute = None if compute_dtype is None else _as_dtype(compute_dtype).name
+    if mesh is not None:
+        check_mesh(mesh)
     if is_quantized_orbax(path):
-        return load_quantized_orbax(path).replace(compute_dtype=compute)
+        model = load_quantized_orbax(path).replace(compute_dtype=compute)
+        return model if mesh is None else model.on_mesh(mesh)
     files = weight_files(path)
     config = load_config(path)
     dtype = _as_dtype(dtype)
     with open_checkpoint(path, files) as found:
         show = progress if progress is not None else sum(f.stat().st_size for f in files) > _PROGRESS_BYTES
         if config.quant is not None:  # quantized linear layers: checked and read by jaxinfer.quant
-            return load_quantized(path, found, config, dtype, show).replace(compute_dtype=compute)
+            model = load_quantized(path, found, config, dtype, show).replace(compute_dtype=compute)
+            return model if mesh is None else model.on_mesh(mesh)
         check_tensors(found, dense_expected(config), config, path)
         specs = hf_tensor_specs(config)
         params: dict[str, Any] = {"layers": {}}
         with tqdm(total=len(specs), desc=f"loading {path.name}", unit="tensor", disable=not show) as bar:
-            load_dense(found, specs, config.num_layers, dtype, params, bar)
-    return Model(config=config, params=params, compute_dtype=compute)
+            if mesh is None:
+                load_dense(found, specs, config.num_layers, dtype, params, bar)
+            else:
+                layout = TPLayout.plan(config, tp_size(mesh))
+                reader = SliceReader(files)
+                try:
+                    load_dense_sharded(reader, specs, dtype, params, bar, mesh, layout, config,
+                                       functools.partial(_sharded_shape, config, layout), dense_spec, KV_KEYS)
+                finally:
+                    reader.close()
+                config = layout.sharded_config(config)
+    return Model(config=config, params=params, compute_dtype=compute, mesh=mesh)
+
+
+def _sharded_shape(config: ModelConfig, layout: TPLayout, key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A parameter's shape on the mesh: KV projections widened by the KV-head copies, the
+    embedding / head padded to a vocabulary tp divides."""
+    shape = list(shape)
+    if key in KV_KEYS:
+        shape[-1] *= layout.kv_replicas
+    elif key == "embed":
+        shape[0] = layout.vocab_padded
+    elif key == "lm_head":
+        shape[-1] = layout.vocab_padded
+    return tuple(shape)
 
 
 def _hash32(x: jax.Array) -> jax.Array:
@@ -115,13 +150,15 @@ def _random_params(config: ModelConfig, dtype: np.dtype, key: jax.Array) -> dict
 
 
 def dummy_model(config: ModelConfig, dtype: DTypeLike = "float32", seed: int = 0, *,
-                compute_dtype: DTypeLike | None = None) -> Model:
+                compute_dtype: DTypeLike | None = None, mesh=None) -> Model:
     """Random weights of the right shapes, generated on device under jit: matrices normal with
     std 0.02, biases std 0.002, norms one. Deterministic per seed. `compute_dtype` as for
-    `load_model`."""
+    `load_model`. `mesh`: the same weights laid out on it (generated on one device, then
+    split: random models are for tests and benchmarks, not for sizes one device cannot hold)."""
     compute = None if compute_dtype is None else _as_dtype(compute_dtype).name
-    return Model(config=config, params=_random_params(config, _as_dtype(dtype), jax.random.key(seed)),
-                 compute_dtype=compute)
+    model = Model(config=config, params=_random_params(config, _as_dtype(dtype), jax.random.key(seed)),
+                  compute_dtype=compute)
+    return model if mesh is None else model.on_mesh(mesh)
 
 
 def save_model(model: Model, path: str | Path, max_shard_bytes: int | None = None) -> None:

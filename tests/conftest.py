@@ -12,6 +12,8 @@
   (JAXINFER_CACHE_DIR=0, set before jaxinfer is imported): thousands of test shapes would fill
   ~/.cache, and a cached executable from an earlier run would hide compilation from the tests
   that count it. Tests of the cache itself point it at a temporary directory.
+- Eight fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8, set before jax
+  starts) for the sharding tests; single-device code runs on the first one.
 - `tiny_model`: the "tiny" preset (vocab 258, 4 layers, hidden 64) with deterministic random
   weights (seed 0), built once per session so every test reuses the same jit cache entries.
 """
@@ -23,6 +25,10 @@ import os
 from pathlib import Path
 
 os.environ["JAXINFER_CACHE_DIR"] = "0"
+# Eight CPU devices for the sharding tests (tests/jaxinfer/test_sharding.py); everything else
+# runs on the first one as before. Must be set before jax starts its backend.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

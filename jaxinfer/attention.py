@@ -22,6 +22,12 @@ position reads the same whether it was just written, cached, or gathered into a 
 reader here dequantizes in jnp; the paged kernel dequantizes after its copy. Float pools take
 no scales (`k_scales` etc. are then ignored) and run exactly the code they always did.
 
+Int8 K is smoothed per channel (`smooth_qk`): keys have outlier channels (a few channels of a
+head several times the rest), and one int8 scale per token is set by the largest, so the small
+channels keep only a few levels. An int8 pool stores `k / c` and attends with `q * c` (c per
+layer, KV head and channel, `EngineState.k_channel`, calibrated by jaxinfer/kv_smoothing.py):
+`(q * c) . (k / c) = q . k`, so every reader and kernel is unchanged and only the rounding moves.
+
 Per-layer settings (`LayerAttention`: sliding window, logit soft-cap, score scale) come from
 the model's layer (jaxinfer/model.py). The window is a Python int or None in the unstacked
 Python layer loop, and a traced int32 scalar inside the layer `lax.scan` when layers differ
@@ -55,11 +61,12 @@ KERNEL_HEAD_DIMS = (64, 128)
 Window = int | Int[Array, ""] | None  # a static window, a traced one (NO_WINDOW: none), or none
 
 __all__ = ["BACKENDS", "NO_WINDOW", "LayerAttention", "chunk_attention", "chunk_attention_reference",
-           "decode_attention", "decode_view", "prefill_attention", "uses_views", "view_attention", "view_write",
+           "decode_attention", "decode_view", "prefill_attention", "smooth_qk", "uses_views", "view_attention", "view_write",
            "write_kv"]
 
 KVPool = Shaped[Array, "layers pages page_size kv_heads head_dim"]  # float, int8 or float8_e4m3fn
 KVScales = Float[Array, "..."]  # int8: [layers, pages, kv_heads, page_size]; fp8: [layers, kv_heads]; float: unused
+KChannel = Float[Array, "..."]  # int8: [layers, kv_heads, head_dim] (kv_smoothing.py); other pools: unused
 
 
 def _layer_scales(pool, scales, layer):
@@ -74,6 +81,17 @@ def _gather_pages(pool, scales, layer, table):
     if jnp.dtype(pool.dtype) == kv_quant.INT8:
         return kv_quant.dequantize(x, scales[layer, table])
     return kv_quant.dequantize(x, _layer_scales(pool, scales, layer))
+
+
+def smooth_qk(q: Float[Array, "*b q_heads head_dim"], k: Float[Array, "*b kv_heads head_dim"], pool: KVPool,
+              k_channel: KChannel, layer) -> tuple[Array, Array]:
+    """(q * c, k / c) for an int8 pool (c = k_channel[layer], each KV head's c repeated over its
+    query heads), (q, k) for any other: call before `write_kv` and the attention of a layer."""
+    if jnp.dtype(pool.dtype) != kv_quant.INT8:
+        return q, k
+    c = k_channel[layer].astype(jnp.float32)
+    cq = jnp.repeat(c, q.shape[-2] // c.shape[0], axis=0)
+    return (q.astype(jnp.float32) * cq).astype(q.dtype), (k.astype(jnp.float32) / c).astype(k.dtype)
 
 
 def write_kv(pool: KVPool, scales: KVScales, layer, page, off, x: Float[Array, "*b kv_heads head_dim"]):

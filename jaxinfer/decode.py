@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxinfer import allocator, grammar
-from jaxinfer.attention import decode_attention, decode_view, uses_views, view_attention, view_write, write_kv
+from jaxinfer.attention import decode_attention, decode_view, uses_views, smooth_qk, view_attention, view_write, write_kv
 from jaxinfer.dims import AnyArray
 from jaxinfer.model import Model, decoder, lm_head
 from jaxinfer.sampling import process_logits, sample, token_logprobs
@@ -77,7 +77,8 @@ def _forward(cfg: EngineConfig, model: Model, state: EngineState, running, views
     read_table = page_table[:, : span // ps]
 
     def attend(i, q, k, v, cache, spec):  # spec: the layer's window / soft-cap / scale
-        kp, vp, ks, vs, views = cache
+        kp, vp, ks, vs, kc, views = cache
+        q, k = smooth_qk(q, k, kp, kc, i)  # int8 pools: per-channel K smoothing
         # 8-bit pools: quantized as written; k, v become what reads of the pages will see.
         kp, ks, k = write_kv(kp, ks, i, write_page[:, None], write_off[:, None], k)
         vp, vs, v = write_kv(vp, vs, i, write_page[:, None], write_off[:, None], v)
@@ -88,11 +89,11 @@ def _forward(cfg: EngineConfig, model: Model, state: EngineState, running, views
             view = view_write(views[i], k[:, 0], v[:, 0], view_pos)
             o = view_attention(q[:, 0], view, attn_len, **spec.kwargs())
             views = views[:i] + (view,) + views[i + 1:]
-        return o[:, None], (kp, vp, ks, vs, views)
+        return o[:, None], (kp, vp, ks, vs, kc, views)
 
-    h, (k_pages, v_pages, k_scales, v_scales, views) = decoder(
+    h, (k_pages, v_pages, k_scales, v_scales, _, views) = decoder(
         model, state.last_token[:, None], pos[:, None], attend,
-        (state.k_pages, state.v_pages, state.k_scales, state.v_scales, views))
+        (state.k_pages, state.v_pages, state.k_scales, state.v_scales, state.k_channel, views))
     a = allocator.write_tokens(a, write_page, write_off, state.last_token)
     if cfg.prefix_caching:
         parent = jnp.where(page_idx > 0, page_table[rows, jnp.maximum(page_idx - 1, 0)], NULL_PAGE)

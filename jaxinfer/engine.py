@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer import aot, grammar, snapshot, structured
+from jaxinfer import aot, grammar, kv_smoothing, snapshot, structured
 from jaxinfer.attention import uses_views
 from jaxinfer.errors import InvalidRequestError
 from jaxinfer.model import Model
@@ -123,6 +123,7 @@ class Engine:
         grammar_classes: int = 256,
         kv_dtype: str = "auto",
         kv_memory_gb: float | None = None,
+        kv_calibration: Seq | None = None,
         mesh=None,
     ):
         model, mesh = _on_mesh(model, mesh)
@@ -199,8 +200,14 @@ class Engine:
         # The XLA path keeps the pool in float32 whatever the compute dtype (bf16 values are exact
         # in it, and attention reads float32 anyway): XLA:CPU has no bf16 scatter and would
         # convert the whole pool to float32 and back for every token written.
-        self.state = init_state(self.cfg, model.config, jnp.float32 if uses_views(attention_backend) else model.dtype,
-                                mesh)
+        state_dtype = jnp.float32 if uses_views(attention_backend) else model.dtype
+        if kv_pool_dtype(kv_dtype, state_dtype) == jnp.dtype(jnp.int8):  # per-channel K smoothing
+            k_channel = kv_smoothing.k_channel_scale(model, max_seq_len, kv_calibration)
+        elif kv_calibration is not None:
+            raise ValueError(f"kv_calibration calibrates an int8 KV pool; this engine's kv_dtype is {kv_dtype!r}")
+        else:
+            k_channel = None
+        self.state = init_state(self.cfg, model.config, state_dtype, mesh, k_channel)
         self.eos_ids = tuple(
             tokenizer.eos_ids if tokenizer is not None and tokenizer.eos_ids else model.config.eos_token_ids
         )

@@ -223,9 +223,9 @@ def param_specs(params: Any, tp: int) -> list[P]:
 
 def pool_spec(x) -> P:
     """The spec of a KV-pool leaf: pages [layers, pages, page_size, kv_heads, head_dim], int8
-    scales [layers, pages, kv_heads, page_size], fp8 scales [layers, kv_heads] (split over
-    kv_heads); a float pool's [1] scale placeholder is replicated."""
-    axis = {5: 3, 4: 2, 2: 1}.get(x.ndim)
+    scales [layers, pages, kv_heads, page_size], int8 K smoothing [layers, kv_heads, head_dim],
+    fp8 scales [layers, kv_heads] (split over kv_heads); a [1] placeholder is replicated."""
+    axis = {5: 3, 4: 2, 3: 1, 2: 1}.get(x.ndim)
     if axis is None:
         return P()
     return P(*([None] * axis), MODEL, *([None] * (x.ndim - axis - 1)))

@@ -256,6 +256,9 @@ class EngineState:
     # vLLM's default per-tensor scale); float pools: a [1] placeholder nothing reads.
     k_scales: Float[Array, "..."]
     v_scales: Float[Array, "..."]
+    # int8 pools: K's per-channel smoothing, [layers, kv_heads, head_dim] float32 (the pool
+    # holds k / c, attention uses q * c; jaxinfer/kv_smoothing.py); other pools: a [1] placeholder.
+    k_channel: Float[Array, "..."]
     # Page allocator: reference counts, prefix cache, LRU (see jaxinfer.allocator).
     alloc: PageAllocator
     # Slot -> pages. Entry p holds tokens [p*page_size, (p+1)*page_size); unused entries are 0.
@@ -308,9 +311,11 @@ class EngineState:
         return self.alloc.refcount
 
 
-def init_state(cfg: EngineConfig, model_cfg: ModelConfig, dtype=jnp.float32, mesh=None) -> EngineState:
+def init_state(cfg: EngineConfig, model_cfg: ModelConfig, dtype=jnp.float32, mesh=None, k_channel=None) -> EngineState:
     """An empty state: every slot free, every page but the null page free. The pool holds
-    `cfg.kv_dtype` (its "auto": `dtype`). On a `mesh` (tensor parallel, jaxinfer/sharding.py;
+    `cfg.kv_dtype` (its "auto": `dtype`). An int8 pool takes `k_channel`, its per-channel K
+    smoothing ([layers, kv_heads, head_dim]; `kv_smoothing.k_channel_scale(model)` is what the
+    Engine passes; default ones: plain per-token int8). On a `mesh` (tensor parallel, jaxinfer/sharding.py;
     `model_cfg` the sharded model's) the pool and its scales are split over KV heads along
     "model" and everything else is replicated.
 
@@ -330,11 +335,22 @@ def init_state(cfg: EngineConfig, model_cfg: ModelConfig, dtype=jnp.float32, mes
         scales = lambda: np.ones((model_cfg.num_layers, model_cfg.num_kv_heads), np.float32)  # noqa: E731
     else:
         scales = lambda: np.zeros((1,), np.float32)  # noqa: E731
+    channel_shape = (model_cfg.num_layers, model_cfg.num_kv_heads, model_cfg.head_dim)
+    if pool_dtype != jnp.dtype(jnp.int8):
+        if k_channel is not None:
+            raise ValueError(f"k_channel is the K smoothing of an int8 pool; this pool holds {pool_dtype}")
+        k_channel = np.ones((1,), np.float32)
+    elif k_channel is None:
+        k_channel = np.ones(channel_shape, np.float32)
+    elif tuple(k_channel.shape) != channel_shape or jnp.dtype(k_channel.dtype) != jnp.dtype(jnp.float32):
+        raise ValueError(f"k_channel must be float32 {list(channel_shape)} [layers, kv_heads, head_dim], "
+                         f"got {k_channel.dtype} {list(k_channel.shape)}")
     fields = dict(
         k_pages=np.zeros(pool_shape, pool_dtype),
         v_pages=np.zeros(pool_shape, pool_dtype),
         k_scales=scales(),
         v_scales=scales(),
+        k_channel=k_channel,
         page_table=i32(NULL_PAGE, (s, cfg.pages_per_seq)),
         active=np.zeros((s,), bool),
         finished=np.zeros((s,), bool),
@@ -368,7 +384,7 @@ def init_state(cfg: EngineConfig, model_cfg: ModelConfig, dtype=jnp.float32, mes
     if mesh is None:
         fields, alloc = jax.device_put((fields, alloc))
     else:
-        pool = ("k_pages", "v_pages", "k_scales", "v_scales")
+        pool = ("k_pages", "v_pages", "k_scales", "v_scales", "k_channel")
         fields = {k: jax.device_put(v, NamedSharding(mesh, pool_spec(v) if k in pool else P())) for k, v in fields.items()}
         alloc = jax.device_put(alloc, NamedSharding(mesh, P()))
     return EngineState(alloc=PageAllocator(**alloc), **fields)

@@ -15,7 +15,8 @@ Attention over 8-bit pages is checked two ways:
   channels 20x larger, a few tokens 10x), where per-token int8 scales are widest.
 
 Engine level (stories260K from the shared assets, float32 weights): perplexity with int8 KV
-within 1% of float KV (fp8's stated and bounded at 3%), greedy agreement share, fork (copy-on-
+within 1% of float KV (fp8's stated and bounded at 3%), greedy agreement share, per-channel K
+smoothing (exact in float, smaller int8 error, calibration = the written keys' RMS), fork (copy-on-
 write) and prefix caching with int8 pages, save_state / load_state of the scales, the
 memory budget (int8 >= 1.9x the tokens of bf16 at head_dim >= 64), and the scheduler fuzz
 (no page leak, greedy equal to solo runs) rerun with int8 KV.
@@ -33,9 +34,12 @@ import pytest
 
 import jaxinfer
 from jaxinfer import SamplingParams
-from jaxinfer.attention import chunk_attention_reference, decode_attention, write_kv
+import jaxinfer.attention
+from jaxinfer.attention import chunk_attention_reference, decode_attention, smooth_qk, write_kv
+from jaxinfer.kv_smoothing import k_channel_scale
 from jaxinfer.presets import get_preset
 from jaxinfer.state import EngineConfig, init_state, kv_bytes_per_token, pages_for_memory
+from jaxinfer.steps import insert, make_requests
 from pallas_kernels import kv_quant
 from pallas_kernels.paged_attention import paged_attention_reference
 
@@ -148,6 +152,79 @@ def test_rejects_bad_kv_dtype_and_scales():
         paged_attention_reference(q, k, k, table, lengths, k_scales=jnp.zeros((4, 8, 2)), v_scales=jnp.zeros((4, 8, 2)))
 
 
+# ----------------------------------------------------------------------------- K smoothing
+def test_k_smoothing_is_exact_in_float_and_shrinks_int8_error():
+    """smooth_qk's (q * c, k / c) leaves float attention unchanged (1e-5 of max |o|: float32
+    rounding of the products), and with two outlier channels (20x) the int8 K error it leaves
+    is under half of plain per-token int8's (measured ~7x smaller here); non-int8 pools are
+    untouched."""
+    rng = np.random.default_rng(3)
+    t, kvh, g, hd = 64, 2, 4, 16
+    q = rng.standard_normal((t, kvh * g, hd)).astype(np.float32)
+    k = rng.standard_normal((t, kvh, hd)).astype(np.float32)
+    v = rng.standard_normal((t, kvh, hd)).astype(np.float32)
+    k[..., [3, 11]] *= 20.0
+    c = jnp.asarray(np.sqrt(np.mean(k**2, axis=0)))[None]  # [layers=1, kvh, hd]: the calibrated RMS
+    int8_pool, f32_pool = jnp.zeros((1, 1, 1, kvh, hd), jnp.int8), jnp.zeros((1, 1, 1, kvh, hd))
+
+    def attn(q, k):
+        return np.asarray(jaxinfer.attention.prefill_attention(q[None], k[None], jnp.asarray(v)[None], lengths=None,
+                                                               backend="reference"))[0]
+
+    ref = attn(jnp.asarray(q), jnp.asarray(k))
+    qs, ks = smooth_qk(jnp.asarray(q), jnp.asarray(k), int8_pool, c, 0)
+    assert np.max(np.abs(attn(qs, ks) - ref)) <= 1e-5 * np.max(np.abs(ref))
+    err_plain = np.max(np.abs(attn(jnp.asarray(q), kv_quant.quantize(jnp.asarray(k), jnp.int8)[2]) - ref))
+    err_smooth = np.max(np.abs(attn(qs, kv_quant.quantize(ks, jnp.int8)[2]) - ref))
+    assert err_smooth < 0.5 * err_plain, (err_smooth, err_plain)
+    same = smooth_qk(jnp.asarray(q), jnp.asarray(k), f32_pool, jnp.ones((1,)), 0)
+    assert same[0] is not None and np.array_equal(same[0], q) and np.array_equal(same[1], k)
+
+
+def test_k_channel_calibration_is_the_rms_of_the_written_keys(tiny_model):
+    """k_channel_scale with caller tokens equals the per-channel RMS of the K that prefill writes
+    into a float32 pool for the same tokens (another code path: the pool, not the calibration's
+    attend hook); 1e-5 relative: float32 sums in a different order. The Engine's int8 state
+    holds the default (random-token) calibration, positive and finite."""
+    mc = tiny_model.config
+    tokens = [int(t) for t in np.random.default_rng(0).integers(0, mc.vocab_size, 40)]
+    c = np.asarray(k_channel_scale(tiny_model, 64, tokens))
+    cfg = EngineConfig(max_slots=1, page_size=8, num_pages=16, max_seq_len=64, kv_dtype="float32")
+    state = init_state(cfg, mc, jnp.float32)
+    req = make_requests(cfg, [tokens + [5]], [SamplingParams(max_tokens=2, temperature=0.0)], [0], 1, 64)
+    state, _ = jax.jit(insert, static_argnums=0)(cfg, tiny_model, state, req)
+    pages = np.asarray(state.page_table)[0, :5]
+    k = np.asarray(state.k_pages)[:, pages].reshape(mc.num_layers, -1, mc.num_kv_heads, mc.head_dim)[:, :40]
+    rms = np.sqrt(np.mean(k.astype(np.float64) ** 2, axis=1))
+    np.testing.assert_allclose(c, rms, rtol=1e-5)
+    e = jaxinfer.Engine(tiny_model, max_slots=2, page_size=8, num_pages=16, max_seq_len=64, kv_dtype="int8")
+    kc = np.asarray(e.state.k_channel)
+    assert kc.shape == (mc.num_layers, mc.num_kv_heads, mc.head_dim) and np.all(np.isfinite(kc)) and np.all(kc > 0)
+    assert not np.allclose(kc, 1.0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(kv_dtype="bfloat16", kv_calibration=[1, 2]), "kv_calibration calibrates an int8"),
+    (dict(kv_dtype="int8", kv_calibration=[]), "non-empty sequence of token ids"),
+    (dict(kv_dtype="int8", kv_calibration=[1, 2.5]), "non-empty sequence of token ids"),
+    (dict(kv_dtype="int8", kv_calibration=[1, 100000]), r"outside \[0, 258\)"),
+    (dict(kv_dtype="int8", kv_calibration=list(range(65))), "at most max_seq_len=64"),
+])
+def test_kv_calibration_rejects_bad_input(tiny_model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        jaxinfer.Engine(tiny_model, max_slots=1, page_size=8, num_pages=16, max_seq_len=64, **kwargs)
+
+
+def test_init_state_rejects_bad_k_channel(tiny_model):
+    mc = tiny_model.config
+    cfg = EngineConfig(max_slots=1, page_size=8, num_pages=16, max_seq_len=64, kv_dtype="int8")
+    with pytest.raises(ValueError, match=r"k_channel must be float32 \[4, 2, 16\]"):
+        init_state(cfg, mc, jnp.float32, k_channel=np.ones((4, 2), np.float32))
+    with pytest.raises(ValueError, match="K smoothing of an int8 pool"):
+        init_state(dataclasses.replace(cfg, kv_dtype="bfloat16"), mc, jnp.float32,
+                   k_channel=np.ones((4, 2, 16), np.float32))
+
+
 # ----------------------------------------------------------------------------- memory budget
 @pytest.mark.parametrize("preset", ["llama-3.2-1b", "llama-3-8b"])
 def test_int8_pool_holds_twice_the_tokens_of_bf16(preset):
@@ -248,7 +325,7 @@ def test_stories260k_perplexity_and_greedy_with_quantized_kv(assets_dir):
     print("stories260K perplexity by KV dtype:", ppl, "teacher-forced top-1 agreement with float KV:", top1)
     assert abs(ppl["int8"] / ppl["auto"] - 1) < 0.01, ppl
     assert abs(ppl["fp8_e4m3"] / ppl["auto"] - 1) < 0.03, ppl
-    assert top1["int8"] >= 0.95, top1  # same context: the argmax rarely moves
+    assert top1["int8"] >= 0.97, top1  # same context: the argmax rarely moves (0.962 without K smoothing)
 
     # Free-running greedy: 8 story openings, 48 tokens each. Once a near tie flips one token
     # the continuations differ, so the share counted is the common prefix of each pair.
@@ -265,4 +342,5 @@ def test_stories260k_perplexity_and_greedy_with_quantized_kv(assets_dir):
     identical = sum(x == y for x, y in zip(outs["auto"], outs["int8"]))
     print(f"greedy int8 vs float KV: common prefix {share:.3f} of tokens, {identical}/8 sequences identical, "
           f"prefixes {prefix}")
-    assert share >= 0.5 and identical >= 3, (share, prefix)
+    # Measured 0.862 and 6/8 (without K smoothing: 0.609 and 3/8; bf16 KV: 1.0 and 8/8).
+    assert share >= 0.8 and identical >= 5, (share, prefix)

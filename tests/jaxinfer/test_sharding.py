@@ -26,6 +26,7 @@ import jaxinfer
 from jaxinfer import checkpoint
 from jaxinfer.decode import decode_forward
 from jaxinfer.errors import ConfigError
+from jaxinfer.kv_smoothing import k_channel_scale
 from jaxinfer.sharding import MODEL, TPLayout, make_mesh, param_specs
 from jaxinfer.state import EngineConfig, init_state
 from jaxinfer.steps import insert, make_requests
@@ -73,10 +74,12 @@ def test_forward_equals_one_device(checkpoints, case, tp):
     assert rel_err(out, ref) < REL
 
 
-def _prefill_decode_logits(model, mesh, backend, prompts, steps=3, page_size=4):
+def _prefill_decode_logits(model, mesh, backend, prompts, steps=3, page_size=4, kv_dtype="auto"):
     """Logits of `steps` teacher-forced decode steps after prefilling `prompts` (insert)."""
-    cfg = EngineConfig(max_slots=4, page_size=page_size, num_pages=32, max_seq_len=64, attention_backend=backend)
-    state = init_state(cfg, model.config, model.dtype, mesh)
+    cfg = EngineConfig(max_slots=4, page_size=page_size, num_pages=32, max_seq_len=64, attention_backend=backend,
+                       kv_dtype=kv_dtype)
+    k_channel = k_channel_scale(model, cfg.max_seq_len) if kv_dtype == "int8" else None
+    state = init_state(cfg, model.config, model.dtype, mesh, k_channel)
     sp = jaxinfer.SamplingParams(max_tokens=8, temperature=0.0)
     req = make_requests(cfg, prompts, [sp] * len(prompts), list(range(len(prompts))), 4, 16)
     state, _ = jax.jit(insert, static_argnums=0)(cfg, model, state, req)
@@ -97,6 +100,20 @@ def test_prefill_and_paged_decode_equal_one_device(checkpoints, tp, backend):
     mesh = make_mesh(tp=tp)
     out = _prefill_decode_logits(jaxinfer.load_model(path, mesh=mesh), mesh, backend, prompts)
     assert rel_err(out[:, :3], ref[:, :3]) < REL
+
+
+def test_int8_kv_pool_sharded(checkpoints):
+    """An int8 KV pool on tp = 4 with 2 KV heads (each replicated twice): its pages, per-token
+    scales and per-channel K smoothing (calibrated by the sharded forward itself) split over KV
+    heads. Tolerance 1e-4, not 1e-5: a K/V element whose float32 value lands within an ulp of an
+    int8 rounding boundary may round to the neighbouring level on one side (one step, max/127,
+    of one element); none does here, but the check should not hinge on it."""
+    path = checkpoints["llama_gqa"]
+    prompts = [[3, 9, 4, 17, 5, 2, 8, 30, 11], [5, 6, 7], [40, 41, 42, 43, 44, 45]]
+    ref = _prefill_decode_logits(jaxinfer.load_model(path), None, "xla", prompts, kv_dtype="int8")
+    mesh = make_mesh(tp=4)
+    out = _prefill_decode_logits(jaxinfer.load_model(path, mesh=mesh), mesh, "xla", prompts, kv_dtype="int8")
+    assert rel_err(out[:, :3], ref[:, :3]) < 1e-4
 
 
 @pytest.mark.parametrize("tp", [2, 4, 8])

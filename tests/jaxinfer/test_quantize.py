@@ -312,14 +312,11 @@ def test_orbax_round_trip(tiny_model, tmp_path, method, options):
     for a, b in zip(jax.tree.leaves(q.params), jax.tree.leaves(r.params)):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
-    sp = jaxinfer.SamplingParams(max_tokens=8, temperature=0.0)
-    prompts = [[1, 5, 9, 2], [7, 7, 3]]
-
-    def tokens(model):
-        engine = jaxinfer.Engine(model, max_slots=2, page_size=16, num_pages=16, max_seq_len=64)
-        return [o.token_ids for o in engine.generate(prompts, sp)]
-
-    assert tokens(q) == tokens(r)
+    # Same config, tree (its static quantization metadata included) and leaves make the same
+    # model; one forward checks the restored one runs (an Engine generation here only repeated
+    # that, at ~20 s a method).
+    tokens = np.array([[1, 5, 9, 2, 7, 7, 3]])
+    np.testing.assert_array_equal(jaxinfer.forward(q, tokens), jaxinfer.forward(r, tokens))
 
 
 def test_not_an_orbax_checkpoint(tmp_path):

@@ -43,8 +43,10 @@ def plain_reference(stories):
     return run
 
 
-@pytest.mark.parametrize("method,k", [("ngram", 1), ("ngram", 3), ("ngram", 5), ("draft", 1), ("draft", 3),
-                                      ("draft", 5)])
+# k = 1 and 5 bracket the proposal lengths for the n-gram proposer; the draft path (the same
+# verify step, other proposals) at k = 3. (All six pairs passed when this was cut to three for
+# CI time; draft k = 5 alone took a minute.)
+@pytest.mark.parametrize("method,k", [("ngram", 1), ("ngram", 5), ("draft", 3)])
 def test_greedy_equals_plain_decoding_with_preemption(stories, int8_draft, plain_reference, method, k):
     """16 requests on 4 slots and a pool small enough to preempt, with stop strings, min_tokens
     and logprobs: tokens, texts and finish reasons equal; logprobs to 1e-5 (the verify forward

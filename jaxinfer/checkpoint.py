@@ -265,17 +265,30 @@ def _is_float(dtype: np.dtype) -> bool:
     return dtype.kind == "f" or dtype.name.startswith(("bfloat16", "float8"))
 
 
+def _by_destination(specs: dict[str, TensorSpec]) -> dict[str, list[tuple[str, TensorSpec, int | None, int | None]]]:
+    """Checkpoint tensors grouped by the parameter they land in: key -> [(name, spec, lo, hi)]
+    (lo/hi: the rows of a fused tensor, such as Phi-3's qkv, that go to that parameter)."""
+    groups: dict[str, list[tuple[str, TensorSpec, int | None, int | None]]] = {}
+    for name, spec in specs.items():
+        for key, lo, hi in spec.destinations():
+            groups.setdefault(key, []).append((name, spec, lo, hi))
+    return groups
+
+
+def _check_finite(name: str, tensor: np.ndarray) -> None:
+    if _is_float(tensor.dtype) and not np.isfinite(tensor).all():
+        bad = "NaN" if np.isnan(tensor).any() else "inf"
+        raise CheckpointError(f"{name} contains {bad} values ({int((~np.isfinite(tensor)).sum())} of "
+                              f"{tensor.size}); expected finite weights: the checkpoint is corrupt")
+
+
 def load_dense(found: Found, specs: dict[str, TensorSpec], num_layers: int, dtype, params: dict, bar) -> None:
     """Read the tensors in `specs` from the open handles in `found` into `params` (stacked layers
     under params["layers"]), one host buffer per destination parameter, so peak host memory is
     about one copy of the largest parameter beside the model. Fused tensors (Phi-3) are split
     here, each part read into its own parameter. (`num_layers` is unused: each spec carries the
     stacked shape of its parameter, which for expert and dense-MLP groups is not num_layers.)"""
-    groups: dict[str, list[tuple[str, TensorSpec, int | None, int | None]]] = {}
-    for name, spec in specs.items():
-        for key, lo, hi in spec.destinations():
-            groups.setdefault(key, []).append((name, spec, lo, hi))
-    for key, members in groups.items():
+    for key, members in _by_destination(specs).items():
         _, first, lo, hi = members[0]
         stacked = first.layer is not None
         buf = np.empty(first.dest_shape(lo, hi), dtype)
@@ -286,10 +299,7 @@ def load_dense(found: Found, specs: dict[str, TensorSpec], num_layers: int, dtyp
             except (SafetensorError, OSError) as e:  # header fine, data cut short
                 raise CheckpointError(f"{name}: cannot read its data ({e}); the safetensors file is "
                                       "truncated or corrupt") from e
-            if _is_float(tensor.dtype) and not np.isfinite(tensor).all():
-                bad = "NaN" if np.isnan(tensor).any() else "inf"
-                raise CheckpointError(f"{name} contains {bad} values ({int((~np.isfinite(tensor)).sum())} of "
-                                      f"{tensor.size}); expected finite weights: the checkpoint is corrupt")
+            _check_finite(name, tensor)
             part = tensor if lo is None else tensor[lo:hi]
             # One copy that converts dtype and transposes.
             buf[spec.layer if stacked else ()] = part.T if spec.transpose else part
@@ -386,11 +396,7 @@ def load_dense_sharded(reader: SliceReader, specs: dict[str, TensorSpec], dtype,
     host memory beside the model is one device's slice of one parameter. `global_shape(key,
     shape)` gives the sharded parameter's shape (KV heads replicated, vocabulary padded),
     `spec_of(key, ndim)` its PartitionSpec."""
-    groups: dict[str, list[tuple[str, TensorSpec, int | None, int | None]]] = {}
-    for name, spec in specs.items():
-        for key, lo, hi in spec.destinations():
-            groups.setdefault(key, []).append((name, spec, lo, hi))
-    for key, members in groups.items():
+    for key, members in _by_destination(specs).items():
         _, first, lo, hi = members[0]
         stacked = first.layer is not None
         shape = global_shape(key, first.dest_shape(lo, hi))
@@ -414,9 +420,7 @@ def load_dense_sharded(reader: SliceReader, specs: dict[str, TensorSpec], dtype,
                     except (OSError, ValueError) as e:
                         raise CheckpointError(f"{name}: cannot read its data ({e}); the safetensors file is "
                                               "truncated or corrupt") from e
-                    if _is_float(part.dtype) and not np.isfinite(part).all():
-                        raise CheckpointError(f"{name} contains NaN or inf values; expected finite weights: the "
-                                              "checkpoint is corrupt")
+                    _check_finite(name, part)
                     dst = [slice(None)] * len(tensor_ranges)
                     dst[row_axis] = slice(d0, d1)
                     lead = (spec.layer if isinstance(spec.layer, tuple) else (spec.layer,)) if stacked else ()

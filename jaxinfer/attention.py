@@ -62,7 +62,7 @@ Window = int | Int[Array, ""] | None  # a static window, a traced one (NO_WINDOW
 
 __all__ = ["BACKENDS", "NO_WINDOW", "LayerAttention", "chunk_attention", "chunk_attention_reference",
            "decode_attention", "decode_view", "prefill_attention", "smooth_qk", "uses_views", "view_attention", "view_write",
-           "write_kv"]
+           "write_kv", "write_layer_kv"]
 
 KVPool = Shaped[Array, "layers pages page_size kv_heads head_dim"]  # float, int8 or float8_e4m3fn
 KVScales = Float[Array, "..."]  # int8: [layers, pages, kv_heads, page_size]; fp8: [layers, kv_heads]; float: unused
@@ -92,6 +92,18 @@ def smooth_qk(q: Float[Array, "*b q_heads head_dim"], k: Float[Array, "*b kv_hea
     c = k_channel[layer].astype(jnp.float32)
     cq = jnp.repeat(c, q.shape[-2] // c.shape[0], axis=0)
     return (q.astype(jnp.float32) * cq).astype(q.dtype), (k.astype(jnp.float32) / c).astype(k.dtype)
+
+
+def write_layer_kv(cache: tuple, layer, page, off, q, k, v) -> tuple[Array, Array, Array, tuple]:
+    """Write a layer's new K and V into the pool `cache` = (k_pages, v_pages, k_scales, v_scales,
+    k_channel): K smoothed (int8, `smooth_qk`), both quantized (8-bit, `write_kv`). Returns
+    (q, k, v, cache) with q, k, v what the layer's attention must use (the smoothed query; the
+    values a later read of the pages will see). Every writer of the pool goes through here."""
+    kp, vp, ks, vs, kc = cache
+    q, k = smooth_qk(q, k, kp, kc, layer)
+    kp, ks, k = write_kv(kp, ks, layer, page, off, k)
+    vp, vs, v = write_kv(vp, vs, layer, page, off, v)
+    return q, k, v, (kp, vp, ks, vs, kc)
 
 
 def write_kv(pool: KVPool, scales: KVScales, layer, page, off, x: Float[Array, "*b kv_heads head_dim"]):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxinfer import allocator, grammar
-from jaxinfer.attention import decode_attention, decode_view, uses_views, smooth_qk, view_attention, view_write, write_kv
+from jaxinfer.attention import decode_attention, decode_view, uses_views, view_attention, view_write, write_layer_kv
 from jaxinfer.dims import AnyArray
 from jaxinfer.model import Model, decoder, lm_head
 from jaxinfer.sampling import process_logits, sample, token_logprobs
@@ -77,11 +77,9 @@ def _forward(cfg: EngineConfig, model: Model, state: EngineState, running, views
     read_table = page_table[:, : span // ps]
 
     def attend(i, q, k, v, cache, spec):  # spec: the layer's window / soft-cap / scale
-        kp, vp, ks, vs, kc, views = cache
-        q, k = smooth_qk(q, k, kp, kc, i)  # int8 pools: per-channel K smoothing
-        # 8-bit pools: quantized as written; k, v become what reads of the pages will see.
-        kp, ks, k = write_kv(kp, ks, i, write_page[:, None], write_off[:, None], k)
-        vp, vs, v = write_kv(vp, vs, i, write_page[:, None], write_off[:, None], v)
+        pool, views = cache[:5], cache[5]
+        # int8: K smoothed; 8-bit pools: quantized as written; k, v become what reads will see.
+        q, k, v, (kp, vp, ks, vs, kc) = write_layer_kv(pool, i, write_page[:, None], write_off[:, None], q, k, v)
         if views is None:
             o = decode_attention(q[:, 0], kp, vp, i, read_table, attn_len, backend=cfg.attention_backend,
                                  k_scales=ks, v_scales=vs, **spec.kwargs())

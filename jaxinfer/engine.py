@@ -201,7 +201,7 @@ class Engine:
         # in it, and attention reads float32 anyway): XLA:CPU has no bf16 scatter and would
         # convert the whole pool to float32 and back for every token written.
         state_dtype = jnp.float32 if uses_views(attention_backend) else model.dtype
-        if kv_pool_dtype(kv_dtype, state_dtype) == jnp.dtype(jnp.int8):  # per-channel K smoothing
+        if pool_dtype == jnp.dtype(jnp.int8):  # per-channel K smoothing
             k_channel = kv_smoothing.k_channel_scale(model, max_seq_len, kv_calibration)
         elif kv_calibration is not None:
             raise ValueError(f"kv_calibration calibrates an int8 KV pool; this engine's kv_dtype is {kv_dtype!r}")

@@ -47,7 +47,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxinfer import allocator
-from jaxinfer.attention import chunk_attention, decode_attention, smooth_qk, write_kv
+from jaxinfer.attention import chunk_attention, decode_attention, write_layer_kv
 from jaxinfer.decode import DecodeResult, put_slots, take_slots
 from jaxinfer.dims import AnyArray
 from jaxinfer.model import Model, decoder, lm_head
@@ -239,11 +239,8 @@ def _round(cfg: EngineConfig, spec: SpeculativeConfig, model: Model, st: EngineS
     n_valid = jnp.where(running, n_prop + 1, 0)
 
     def attend(i, q, kk, vv, kv, layer_spec):  # layer_spec: the layer's window / soft-cap / scale
-        kp, vp, ks, vs, kc = kv
-        q, kk = smooth_qk(q, kk, kp, kc, i)  # int8 pools: per-channel K smoothing
-        # 8-bit pools: quantized as written; kk, vv become what reads of the pages will see.
-        kp, ks, kk = write_kv(kp, ks, i, write_page, write_off, kk)
-        vp, vs, vv = write_kv(vp, vs, i, write_page, write_off, vv)
+        # int8: K smoothed; 8-bit pools: quantized as written; kk, vv become what reads will see.
+        q, kk, vv, (kp, vp, ks, vs, kc) = write_layer_kv(kv, i, write_page, write_off, q, kk, vv)
         o = chunk_attention(q, kk, vv, kp, vp, i, page_table, jnp.where(running, L, 0), n_valid,
                             backend=cfg.attention_backend, k_scales=ks, v_scales=vs, **layer_spec.kwargs())
         return o, (kp, vp, ks, vs, kc)

@@ -27,7 +27,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int, UInt32
 
 from jaxinfer import allocator
-from jaxinfer.attention import chunk_attention, smooth_qk, write_kv
+from jaxinfer.attention import chunk_attention, write_layer_kv
 from jaxinfer.decode import (  # noqa: F401  re-exported: the steps are one API
     DecodeResult, decode, decode_forward, decode_forward_jit, decode_jit, decode_steps, decode_steps_jit,
 )
@@ -260,11 +260,8 @@ def prefill(cfg: EngineConfig, model: Model, state: EngineState, chunk: Chunk) -
     write_off = pos % ps
 
     def attend(i, q, k, v, kv, spec):  # spec: the layer's window / soft-cap / scale
-        kp, vp, ks, vs, kc = kv
-        q, k = smooth_qk(q, k, kp, kc, i)  # int8 pools: per-channel K smoothing
-        # 8-bit pools: quantized as written; k, v become what reads of the pages will see.
-        kp, ks, k = write_kv(kp, ks, i, write_page, write_off, k)
-        vp, vs, v = write_kv(vp, vs, i, write_page, write_off, v)
+        # int8: K smoothed; 8-bit pools: quantized as written; k, v become what reads will see.
+        q, k, v, (kp, vp, ks, vs, kc) = write_layer_kv(kv, i, write_page, write_off, q, k, v)
         o = chunk_attention(q, k, v, kp, vp, i, table, start, n, backend=cfg.attention_backend,
                             k_scales=ks, v_scales=vs, **spec.kwargs())
         return o, (kp, vp, ks, vs, kc)

@@ -44,7 +44,8 @@ def parallel_setup(args):
     --coordinator / --num-processes / --process-id (jax.distributed; CPU processes talk over
     gloo). On CPU, --cpu-devices N makes each process show N devices (XLA's host-platform
     device count: set before the backend starts). Processes other than 0 print nothing on
-    stdout: every process runs the same program on the same requests, process 0 reports."""
+    stdout (gloo's own notes go to stderr): every process runs the same program on the same
+    requests, process 0 reports."""
     if args.cpu_devices:
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.cpu_devices}".strip()
@@ -55,10 +56,15 @@ def parallel_setup(args):
             raise ValueError(f"--process-id must be in [0, {args.num_processes}), got {args.process_id}")
         import jax  # local: jaxinfer's import does not start a backend; distributed must come first
 
+        # Gloo's C++ threads print connection notes straight to file descriptor 1, several at
+        # once (their lines interleave mid-line). Point fd 1 at stderr so stdout carries only
+        # what jaxinfer prints, through a duplicate of the original descriptor.
+        sys.stdout.flush()
+        ours = os.dup(1)
+        os.dup2(2, 1)
+        sys.stdout = os.fdopen(ours, "w", buffering=1) if args.process_id == 0 else open(os.devnull, "w")
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-        if args.process_id != 0:
-            sys.stdout = open(os.devnull, "w")
     if args.tp == 1 and args.dp == 1:
         return None
     return jaxinfer.make_mesh(tp=args.tp, dp=args.dp)

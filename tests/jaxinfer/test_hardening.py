@@ -351,6 +351,17 @@ def test_hundred_sigints_during_generate(model):
     """Real SIGINTs at random moments: each generate either completes or raises
     KeyboardInterrupt; afterwards the engine has nothing running, no page in use, and serves the
     next request exactly."""
+    # A process started in the background (`cmd &`, nohup) inherits SIGINT ignored, and the
+    # engine rightly keeps it ignored; this test is about Ctrl-C's default handler, so it
+    # installs that for its duration.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _sigints_during_generate(model)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _sigints_during_generate(model):
     engine = jaxinfer.Engine(model, **CFG)
     prompts = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15]]
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
@@ -379,6 +390,25 @@ def test_hundred_sigints_during_generate(model):
         assert stats["running"] == 0 and stats["waiting"] == 0 and stats["pages_used"] == 0, stats
         assert [o.token_ids for o in engine.generate(prompts[:1], params)] == expected[:1]
     assert interrupted >= 20 and completed >= 1, (interrupted, completed)
+
+
+def test_ignored_sigint_stays_ignored(model):
+    """In a process that ignores SIGINT (started with nohup or `&`), a Ctrl-C during generate
+    changes nothing: the call completes exactly and the handler is SIG_IGN afterwards."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        engine = jaxinfer.Engine(model, **CFG)
+        params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+        expected = [o.token_ids for o in engine.generate([[5, 6, 7]], params)]
+        timer = threading.Timer(0.0, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        outs = engine.generate([[5, 6, 7]], params)
+        timer.join()
+        time.sleep(0.002)
+        assert [o.token_ids for o in outs] == expected
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # ----------------------------------------------------------------------------- the CLI
